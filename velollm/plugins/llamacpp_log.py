@@ -1,0 +1,94 @@
+"""Route llama.cpp's log lines into Python logging, and capture them around calls that fail.
+
+llama-cpp-python prints llama.cpp's errors to stderr (or hides them with ``verbose=False``),
+so a failed load says only "Failed to load model from file". Capturing the lines logged
+during a call lets velollm put the real reason into the exception it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+
+logger = logging.getLogger("velollm.llama_cpp")
+_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_captures: list[list[str]] = []
+_lock = threading.Lock()
+_callback = None  # kept referenced: ctypes callbacks must outlive their registration
+
+
+def install() -> None:
+    """Replace llama-cpp-python's stderr printer with :data:`logger` (idempotent)."""
+    global _callback
+    if _callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace")
+        py_level = last[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+        last[0] = py_level
+        with _lock:
+            for lines in _captures:
+                lines.append(message)
+        if message.strip():
+            logger.log(py_level, message.rstrip())
+
+    if logger.level == logging.NOTSET:  # quiet by default, as llama-cpp-python's verbose=False is
+        logger.setLevel(logging.ERROR)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _callback = callback
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[str]]:
+    """Collect what llama.cpp logs inside the block (from any thread, so keep blocks short)."""
+    install()
+    lines: list[str] = []
+    with _lock:
+        _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        with _lock:
+            _captures.remove(lines)
+
+
+def summary(lines: list[str], limit: int = 3) -> str:
+    """The last few meaningful lines, joined for an error message."""
+    meaningful = [ln.strip() for ln in "".join(lines).splitlines() if ln.strip()]
+    errors = [ln for ln in meaningful if "error" in ln.lower() or "fail" in ln.lower()] or meaningful
+    return "; ".join(errors[-limit:])
+
+
+@contextlib.contextmanager
+def capture_stderr_fd() -> Iterator[list[str]]:
+    """Capture what C code writes straight to file descriptor 2 (llama.cpp's grammar parser does).
+
+    Process-wide for the duration of the block: use it around one short native call only.
+    """
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace")
+            lines.append(text)
+            if text.strip():
+                logger.debug(text.rstrip())

@@ -1,0 +1,15 @@
+"""Built-in model sources: local paths, Hugging Face references, and the packaged catalogue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from velollm.hookspecs import hookimpl
+from velollm.models import CatalogSource, HuggingFaceSource, PathSource
+
+
+@hookimpl
+def register_model_sources(register: Any) -> None:
+    register(PathSource())
+    register(HuggingFaceSource())
+    register(CatalogSource())
