@@ -193,7 +193,7 @@ class Host:
         """
         caller = getattr(self.pm.hook, hook_name)
         results: list[tuple[str, Any]] = []
-        for impl in reversed(caller.get_hookimpls()):  # pluggy calls last-registered first
+        for impl in caller.get_hookimpls():  # registration order: built-ins first
             args = {arg: kwargs[arg] for arg in impl.argnames}
             try:
                 results.append((impl.plugin_name, impl.function(**args)))
@@ -219,7 +219,7 @@ class Host:
                 return
             found[name] = (current, item)
 
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # built-ins first, so they keep their names
             current = impl.plugin_name
             before = dict(found)
             try:

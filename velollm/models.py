@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,10 @@ def _is_complete(target: Path, entry: CatalogEntry, verify: bool) -> bool:
 
 
 # --- built-in sources -------------------------------------------------------------------------
+_SCHEME = re.compile(r"^[A-Za-z][\w+.-]*:")
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
 class PathSource:
     """A file on disk. Asked first, so a local file always wins over a catalogue name."""
 
@@ -240,6 +245,8 @@ class PathSource:
     priority = 10
 
     def handles(self, ref: str) -> bool:
+        if _SCHEME.match(ref) and not _DRIVE.match(ref):  # hf:..., remote:... belong to other sources
+            return False
         return ref.endswith(".gguf") or os.sep in ref or ref.startswith((".", "~")) or Path(ref).expanduser().is_file()
 
     def resolve(self, ref: str, *, download: bool = True, progress: Progress | None = None) -> ResolvedModel:
@@ -299,13 +306,13 @@ class HuggingFaceSource:
             raise ModelSourceError(f"huggingface_hub is needed for hf: references ({exc})") from None
         try:
             path = hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=not download)
-        except (RepositoryNotFoundError, EntryNotFoundError) as exc:
-            raise ModelNotFound(f"{ref}: not on the Hugging Face Hub ({type(exc).__name__})") from None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
             raise ModelSourceError(
                 f"{ref}: not in the local Hugging Face cache and the Hub cannot be reached "
                 "(offline? HF_HUB_OFFLINE set?) — download it elsewhere and pass its path"
             ) from None
+        except (RepositoryNotFoundError, EntryNotFoundError) as exc:
+            raise ModelNotFound(f"{ref}: not on the Hugging Face Hub ({type(exc).__name__})") from None
         except Exception as exc:  # network stack errors vary by version and platform
             raise ModelSourceError(f"{ref}: download failed: {type(exc).__name__}: {exc}") from None
         return ResolvedModel(ref=ref, path=Path(path), source=self.name, name=Path(filename).stem)
