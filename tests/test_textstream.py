@@ -57,5 +57,5 @@ def test_bytes_split_anywhere_give_whole_characters(text: str) -> None:
 
 def test_incomplete_tail_becomes_replacement_char() -> None:
     stream = TokenTextStream([])
-    assert stream.feed("ok".encode() + "é".encode()[:1]) == "ok"
+    assert stream.feed(b"ok" + "é".encode()[:1]) == "ok"
     assert stream.finish() == "\ufffd"
