@@ -1,60 +1,104 @@
-"""Resolve a model reference, pick a backend and load an Engine: the path under the pool.
+"""Resolve a model reference, place it and load an Engine: the path under the pool.
 
-The pool adds sharing, placement and eviction on top; this module is the one-shot version the
-CLI and tests use, and the place where backend choice lives.
+The pool adds sharing, eviction and queues on top; :func:`load_engine` is the one-shot version.
+Backend choice is placement's (:mod:`velollm.pool.placement`): the best usable backend that the
+model fits on, in :data:`BACKEND_PRIORITY` order, unless the caller or the model source names one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from velollm.engine import Backend, Engine, LoadOptions
-from velollm.errors import BackendUnavailable
+from velollm.errors import BackendUnavailable, NotAGGUFFile
 from velollm.hardware import HardwareProbe
 from velollm.host import Host, get_host
+from velollm.pool.placement import (
+    BACKEND_PRIORITY,
+    Decision,
+    PlacementOptions,
+    Plan,
+    availability,
+    place,
+    rank_backends,
+)
 
-#: Preferred order when the user names no backend: GPU backends first, CPU last.
-BACKEND_PRIORITY = ("llamacpp-cuda", "llamacpp-metal", "llamacpp-vulkan", "llamacpp-cpu", "native-cpu")
+if TYPE_CHECKING:
+    from velollm.gguf_info import ModelInfo
+    from velollm.models import ResolvedModel
+
+__all__ = ["BACKEND_PRIORITY", "Prepared", "backend_status", "choose_backend", "load_engine", "prepare"]
 
 
 def backend_status(probe: HardwareProbe, host: Host | None = None) -> dict[str, tuple[bool, str]]:
     """Every registered backend with (usable here?, reason)."""
     host = host or get_host()
-    status = {}
-    for name, backend in host.backends().items():
-        try:
-            status[name] = backend.available(probe)
-        except Exception as exc:  # a plugin's availability check must not break the probe
-            status[name] = (False, f"availability check failed: {type(exc).__name__}: {exc}")
-    return status
+    return {name: availability(backend, probe) for name, backend in host.backends().items()}
 
 
 def choose_backend(probe: HardwareProbe, requested: str | None = None, host: Host | None = None) -> Backend:
-    """The requested backend if usable, else the best usable one by :data:`BACKEND_PRIORITY`."""
+    """The requested backend if usable, else the best usable one by priority (no memory check)."""
     host = host or get_host()
-    if requested:
-        backend = host.backend(requested)
-        ok, reason = backend.available(probe)
-        if not ok:
-            raise BackendUnavailable(f"backend {requested!r} cannot run here: {reason}")
-        return backend
-    status = backend_status(probe, host)
-    ranked = sorted(status, key=lambda n: BACKEND_PRIORITY.index(n) if n in BACKEND_PRIORITY else len(BACKEND_PRIORITY))
-    for name in ranked:
-        if status[name][0] and not name.startswith("remote"):
-            return host.backend(name)
-    reasons = "; ".join(f"{n}: {r}" for n, (_, r) in status.items()) or "no backends registered"
-    if host.failures:
-        reasons += "; plugin failures: " + "; ".join(str(f) for f in host.failures)
-    raise BackendUnavailable(f"no usable backend on this machine ({reasons})")
+    try:
+        ranked, _ = rank_backends(host.backends(), probe, requested)
+    except BackendUnavailable as exc:
+        if host.failures and not requested:
+            raise BackendUnavailable(f"{exc}; plugin failures: " + "; ".join(str(f) for f in host.failures)) from None
+        raise
+    return ranked[0][1]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything decided before loading: the file, its metadata, the plan and the backend's options."""
+
+    resolved: ResolvedModel
+    info: ModelInfo | None  # None: not a GGUF file (a backend with its own format, e.g. a remote spec)
+    plan: Plan
+    load_options: LoadOptions
+
+
+def prepare(ref: str | Path, *, backend: str | None = None, options: LoadOptions | None = None,
+            probe: HardwareProbe | None = None, host: Host | None = None, resolved: ResolvedModel | None = None,
+            **placement: object) -> Prepared:
+    """Resolve ``ref``, inspect the file and place it; raises typed errors before anything loads.
+
+    ``placement`` takes extra :class:`PlacementOptions` fields (``kv_cache_type``, margins...);
+    ``resolved`` skips resolving again when the caller already did.
+    """
+    from velollm import gguf_info, hardware, models
+
+    host = host or get_host()
+    resolved = resolved or models.resolve(str(ref))
+    backend = backend or resolved.backend
+    probe = probe or hardware.probe()
+    backends = host.backends()
+    opts = PlacementOptions.from_load_options(options, backend, **placement)
+    try:
+        info: ModelInfo | None = gguf_info.inspect(resolved.path)
+    except NotAGGUFFile:
+        if backend is None:
+            raise
+        info = None
+    if info is None:  # a backend named for a file in its own format: nothing to place
+        assert backend is not None
+        ranked, _ = rank_backends(backends, probe, backend)
+        plan = Plan(model=resolved.path.name, backend=backend, n_ctx=(options or LoadOptions()).n_ctx or 0,
+                    n_gpu_layers=0, n_threads=1, use_mmap=True, use_mlock=False, accounted=False,
+                    decisions=[Decision(topic="backend", value=backend, reason=f"named for this model: {ranked[0][2]}"),
+                               Decision(topic="memory", value="not accounted",
+                                        reason="not a GGUF file: the backend reads its own format; "
+                                               "load options are passed through unchanged")])
+        return Prepared(resolved, None, plan, options or LoadOptions())
+    plan = place(info, probe, opts, backends)
+    return Prepared(resolved, info, plan, plan.load_options(options))
 
 
 def load_engine(ref: str | Path, *, backend: str | None = None, options: LoadOptions | None = None,
                 probe: HardwareProbe | None = None) -> Engine:
-    """Resolve ``ref`` (path, catalogue name, hf: reference), then load it on a backend."""
-    from velollm import hardware, models
-
-    resolved = models.resolve(str(ref))
-    probe = probe or hardware.probe()
-    chosen = choose_backend(probe, backend)
-    return chosen.load(resolved.path, options or LoadOptions())
+    """Resolve ``ref`` (path, catalogue name, hf: reference), place it, then load it."""
+    host = get_host()
+    prepared = prepare(ref, backend=backend, options=options, probe=probe, host=host)
+    return host.backend(prepared.plan.backend).load(prepared.resolved.path, prepared.load_options)
