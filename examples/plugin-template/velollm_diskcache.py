@@ -129,6 +129,13 @@ class CachedBackend:
         ok, reason = self._inner().available(probe)
         return ok, f"wraps {self.inner_name}: {reason}"
 
+    # Placement: run only when asked for by name, on the devices of the wrapped backend.
+    auto_select = False
+
+    def devices(self, probe: Any) -> list[Any]:
+        inner_devices = getattr(self._inner(), "devices", None)
+        return inner_devices(probe) if inner_devices else []
+
     def load(self, model_file: Path, options: LoadOptions) -> CachedEngine:
         inner = self._inner().load(model_file, options)
         stat = Path(model_file).stat()
