@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# litellm fetches a price list from the internet on import; tests (and CI) have no internet.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 from velollm.engine import Engine, LoadOptions
 from velollm.host import Host, set_host
 

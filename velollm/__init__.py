@@ -21,9 +21,22 @@ _LAZY = {
     "get_host": ("velollm.host", "get_host"),
     "GenerationRequest": ("velollm.engine", "GenerationRequest"),
     "load_engine": ("velollm.loading", "load_engine"),
+    "ModelPool": ("velollm.pool", "ModelPool"),
+    "get_pool": ("velollm.pool", "get_pool"),
+    "register_litellm": ("velollm.adapters.litellm_provider", "register_litellm"),
+    "LM": ("velollm.adapters.dspy_lm", "LM"),
+    "Adapter": ("velollm.adapters.dspy_adapter", "Adapter"),
+    "Embedder": ("velollm.embeddings", "Embedder"),
+    "embed": ("velollm.embeddings", "embed"),
 }
 
 __all__ = ["__version__", "errors", "hookimpl", *_LAZY]
+
+# `velollm/<model>` becomes a litellm provider as soon as litellm is imported (never imported here:
+# it takes seconds); VELOLLM_LITELLM_AUTOREGISTER=0 turns this off. See docs/litellm.md.
+from velollm.adapters.litellm_autoregister import install as _install_litellm_hook  # noqa: E402
+
+_install_litellm_hook()
 
 
 def __getattr__(name: str) -> Any:

@@ -80,6 +80,23 @@ class UnsupportedFeature(InvalidRequest):
     """The engine cannot do what the request asks (tools, grammars on a backend without them)."""
 
 
+# --- quantization ------------------------------------------------------------------------------
+class QuantizeError(VeloError):
+    """``velollm quantize`` failed; the message carries llama.cpp's own reason."""
+
+
+class UnknownQuantType(QuantizeError):
+    """The requested quantization type is not one llama.cpp's quantizer can write."""
+
+
+class RequantizeRefused(QuantizeError):
+    """The source cannot be quantized to the asked type: already quantized, or the type needs an importance matrix."""
+
+
+class OutputExists(QuantizeError):
+    """The output file exists and ``--force`` was not given."""
+
+
 class GenerationError(VeloError):
     """The backend failed while generating; may succeed on a second try."""
 
@@ -88,6 +105,14 @@ class GenerationError(VeloError):
 
 class EngineClosed(VeloError):
     """The engine was closed (unloaded) while a request still referred to it."""
+
+
+class RemoteUnavailable(GenerationError):
+    """A remote server could not be reached or answered with a server error (after retries)."""
+
+
+class AuthenticationFailed(VeloError):
+    """A server refused the credentials (a remote backend's API key, or the key sent to ``velollm serve``)."""
 
 
 # --- pool ------------------------------------------------------------------------------------
@@ -109,6 +134,15 @@ class QueueTimeout(PoolError):
     """A request waited longer than its timeout for its turn on an engine."""
 
     retryable = True
+
+
+class PoolBusy(QueueTimeout):
+    """A load waited too long for models in use to free the pool's memory budget or a ``max_loaded`` slot."""
+
+
+# --- speculative decoding --------------------------------------------------------------------------
+class IncompatibleDraftModel(InvalidRequest):
+    """A draft model's vocabulary differs from the main model's, so its tokens would mean other text."""
 
 
 __all__ = [name for name, value in globals().items() if isinstance(value, type) and issubclass(value, VeloError)]

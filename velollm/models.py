@@ -43,6 +43,8 @@ class ResolvedModel:
     path: Path
     source: str
     name: str
+    #: the backend this model must run on, when the source knows (``remote`` for ``remote:`` refs)
+    backend: str | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,234 @@
+"""velollm as a litellm custom provider: ``litellm.completion(model="velollm/<model>", ...)``.
+
+This is also the route of ``dspy.LM("velollm/<model>")`` without an engine argument (DSPy calls
+litellm, and streams through ``acompletion(stream=True)``). ``<model>`` is any reference the
+pool accepts: a catalogue name, a path, ``hf:...`` or ``remote:http://host:8000/v1#name``.
+
+Engines come from the process-wide pool; parameters go through the shared OpenAI mapping
+(:mod:`velollm.adapters.openai_compat`); velollm errors become litellm's exception types so
+that retry logic in user code (and litellm's own ``num_retries``) retries only what can
+succeed on a second try. Async calls generate in a worker thread; cancelling the task stops
+generation at the next token and frees the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import litellm
+from litellm import CustomLLM
+from litellm.types.utils import Choices, GenericStreamingChunk, Message, ModelResponse
+
+from velollm.adapters import openai_compat
+from velollm.adapters.streams import LeasedStream, acollect, collect_choices, open_leased, start_stream
+from velollm.engine import Chunk
+from velollm.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    ContextOverflow,
+    EngineClosed,
+    GenerationError,
+    InsufficientMemory,
+    InvalidModelFile,
+    InvalidRequest,
+    ModelNotFound,
+    ModelSourceError,
+    QueueFull,
+    QueueTimeout,
+    RemoteUnavailable,
+    UnsupportedFeature,
+    VeloError,
+)
+
+PROVIDER = "velollm"
+
+
+def to_litellm_error(exc: VeloError, model: str) -> Exception:
+    """The litellm exception that says the same as ``exc`` (status codes as the server uses)."""
+    message = str(exc)
+    kw: dict[str, Any] = {"message": message, "model": model, "llm_provider": PROVIDER}
+    if isinstance(exc, ContextOverflow):
+        return litellm.ContextWindowExceededError(**kw)
+    if isinstance(exc, UnsupportedFeature):
+        return litellm.UnsupportedParamsError(**kw)
+    if isinstance(exc, (InvalidRequest, InvalidModelFile)):
+        return litellm.BadRequestError(**kw)
+    if isinstance(exc, ModelNotFound):
+        return litellm.NotFoundError(**kw)
+    if isinstance(exc, AuthenticationFailed):
+        return litellm.AuthenticationError(**kw)
+    if isinstance(exc, QueueFull):
+        return litellm.RateLimitError(**kw)
+    if isinstance(exc, QueueTimeout):
+        return litellm.Timeout(**kw)
+    if isinstance(exc, (BackendUnavailable, InsufficientMemory, EngineClosed)):
+        return litellm.ServiceUnavailableError(**kw)
+    if isinstance(exc, (RemoteUnavailable, ModelSourceError)):
+        return litellm.APIConnectionError(**kw)
+    if isinstance(exc, GenerationError):
+        return litellm.InternalServerError(**kw)
+    return litellm.APIError(status_code=500, **kw)
+
+
+def _parse(model: str, messages: list[Any], optional_params: dict[str, Any]) -> openai_compat.ParsedRequest:
+    params = {k: v for k, v in optional_params.items() if v is not None}
+    params["messages"] = messages
+    return openai_compat.parse_chat(params, strict=False)
+
+
+def _fill(response: ModelResponse, model: str, completions: list[Any]) -> ModelResponse:
+    response.choices = [
+        Choices(index=i, finish_reason=c.finish_reason, message=Message(role="assistant", content=c.text))
+        for i, c in enumerate(completions)
+    ]
+    usage = openai_compat.total_usage(completions)
+    response.usage = litellm.Usage(**usage)  # type: ignore[attr-defined]
+    response.model = model
+    response.created = int(time.time())
+    return response
+
+
+def _generic(chunk: Chunk) -> GenericStreamingChunk:
+    usage = None
+    if chunk.usage is not None:
+        usage = openai_compat.usage_dict(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+    return GenericStreamingChunk(
+        text=chunk.text, is_finished=chunk.finish_reason is not None, finish_reason=chunk.finish_reason or "",
+        usage=usage, index=0, tool_use=None,
+    )
+
+
+class VeloLLMProvider(CustomLLM):
+    """The ``velollm/`` provider. ``pool`` defaults to the process-wide one, looked up per call."""
+
+    def __init__(self, pool: Any = None) -> None:
+        super().__init__()
+        self._pool = pool
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        from velollm.pool import get_pool
+
+        return get_pool()
+
+    # --- plumbing shared by the four entry points -----------------------------------------
+    def _prepare(self, model: str, messages: list[Any], optional_params: dict[str, Any],
+                 stream: bool) -> openai_compat.ParsedRequest:
+        parsed = _parse(model, messages, optional_params)
+        if stream and parsed.n > 1:
+            raise UnsupportedFeature("n > 1 with stream=True is not supported by the litellm provider")
+        return parsed
+
+    def _open(self, model: str, parsed: openai_compat.ParsedRequest) -> LeasedStream:
+        return open_leased(self.pool, model, parsed.requests(), parsed.load_options, openai_compat.check_for_engine)
+
+    # --- litellm's entry points ---------------------------------------------------------
+    def completion(self, model: str, messages: list[Any], model_response: ModelResponse,
+                   optional_params: dict[str, Any], **kwargs: Any) -> ModelResponse:
+        try:
+            parsed = self._prepare(model, messages, optional_params, stream=False)
+            with self._open(model, parsed) as stream:
+                completions = collect_choices(stream, parsed.n, model)
+        except VeloError as exc:
+            raise to_litellm_error(exc, model) from exc
+        return _fill(model_response, model, completions)
+
+    def streaming(self, model: str, messages: list[Any], model_response: ModelResponse,
+                  optional_params: dict[str, Any], **kwargs: Any) -> Iterator[GenericStreamingChunk]:
+        try:
+            parsed = self._prepare(model, messages, optional_params, stream=True)
+            stream = self._open(model, parsed)  # load, queue and validate now: errors before any chunk
+        except VeloError as exc:
+            raise to_litellm_error(exc, model) from exc
+        return _sync_chunks(stream, model)
+
+    async def acompletion(self, model: str, messages: list[Any], model_response: ModelResponse,
+                          optional_params: dict[str, Any], **kwargs: Any) -> ModelResponse:
+        try:
+            parsed = self._prepare(model, messages, optional_params, stream=False)
+            stream = await start_stream(lambda: self._open(model, parsed))
+            completions = await acollect(stream, parsed.n, model)
+        except VeloError as exc:
+            raise to_litellm_error(exc, model) from exc
+        return _fill(model_response, model, completions)
+
+    async def astreaming(self, model: str, messages: list[Any], model_response: ModelResponse,
+                         optional_params: dict[str, Any], **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:
+        try:
+            parsed = self._prepare(model, messages, optional_params, stream=True)
+            stream = await start_stream(lambda: self._open(model, parsed))
+        except VeloError as exc:
+            raise to_litellm_error(exc, model) from exc
+        async with stream:
+            try:
+                async for _, chunk in stream:
+                    yield _generic(chunk)
+            except VeloError as exc:
+                raise to_litellm_error(exc, model) from exc
+
+    # --- embeddings (velollm.embeddings) ------------------------------------------------------
+    def embedding(self, model: str, input: Any, model_response: Any, optional_params: dict[str, Any] | None = None,
+                  **kwargs: Any) -> Any:
+        from velollm.embeddings import litellm_embedding
+
+        try:
+            return litellm_embedding(self.pool, model, input, model_response, optional_params)
+        except VeloError as exc:
+            raise to_litellm_error(exc, model) from exc
+
+    async def aembedding(self, model: str, input: Any, model_response: Any,
+                         optional_params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(self.embedding, model, input, model_response, optional_params)
+
+
+def _sync_chunks(stream: LeasedStream, model: str) -> Iterator[GenericStreamingChunk]:
+    with stream:
+        try:
+            for _, chunk in stream:
+                yield _generic(chunk)
+        except VeloError as exc:
+            raise to_litellm_error(exc, model) from exc
+
+
+_registered: VeloLLMProvider | None = None
+_register_lock = threading.Lock()
+
+
+def register_litellm(pool: Any = None) -> VeloLLMProvider:
+    """Make ``velollm/<model>`` a litellm provider (idempotent; returns the handler).
+
+    Importing velollm already does this once litellm is imported (see
+    :mod:`velollm.adapters.litellm_autoregister`); call it yourself to use a specific pool
+    (``None``: the process-wide one) or after turning auto-registration off.
+    """
+    global _registered
+    with _register_lock:
+        if _registered is None:
+            _registered = VeloLLMProvider(pool)
+        _registered._pool = pool
+        entries = [e for e in litellm.custom_provider_map if e.get("provider") != PROVIDER]
+        entries.append({"provider": PROVIDER, "custom_handler": _registered})
+        litellm.custom_provider_map = entries
+        from litellm.utils import custom_llm_setup
+
+        custom_llm_setup()
+        return _registered
+
+
+def _register_on_import() -> None:
+    """Importing this module imports litellm; when that import is the first one, the import hook
+    fires while this module is half-built and cannot register — so register here instead."""
+    from velollm.adapters.litellm_autoregister import enabled
+
+    if enabled():
+        register_litellm()
+
+
+_register_on_import()

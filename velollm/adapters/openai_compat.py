@@ -1,0 +1,538 @@
+"""The one mapping between OpenAI's chat/completions wire format and velollm's engine types.
+
+Three consumers share it, so a parameter means the same thing everywhere: the litellm provider
+and the HTTP server turn OpenAI-style parameters into :class:`GenerationRequest`s and turn
+:class:`Completion`/:class:`Chunk` back into OpenAI-shaped dicts; the remote backend goes the
+other way (a request out to an OpenAI-compatible server, its answers back into engine types).
+Errors get one table too: velollm error -> HTTP status / OpenAI error type, and back.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from velollm.engine import Chunk, Completion, Engine, GenerationRequest, Usage
+from velollm.errors import (
+    AuthenticationFailed,
+    BackendNotFound,
+    BackendUnavailable,
+    ContextOverflow,
+    EngineClosed,
+    GenerationError,
+    InsufficientMemory,
+    InvalidModelFile,
+    InvalidRequest,
+    ModelNotFound,
+    ModelSourceError,
+    QueueFull,
+    QueueTimeout,
+    RemoteUnavailable,
+    UnsupportedFeature,
+    VeloError,
+)
+
+#: The most choices one request may ask for; more is almost surely a mistake (and a DoS).
+MAX_N = 16
+
+#: Parameters velollm cannot honour: set to anything but "off", they are an error, never dropped.
+UNSUPPORTED = {
+    "tools": "tool calling",
+    "functions": "function calling",
+    "tool_choice": "tool calling",
+    "function_call": "function calling",
+    "logprobs": "log probabilities",
+    "top_logprobs": "log probabilities",
+    "logit_bias": "logit bias",
+    "audio": "audio output",
+    "modalities": "non-text modalities",
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+    "reasoning_effort": "reasoning effort",
+    "echo": "echoing the prompt",
+    "suffix": "suffix (fill-in-the-middle) completion",
+    "best_of": "best_of",
+}
+#: Values of an unsupported parameter that mean "not used".
+_OFF_VALUES: tuple[Any, ...] = (None, False, "none", "", [], {}, 0)
+
+#: Accepted and deliberately without effect (bookkeeping fields of the OpenAI API).
+IGNORED = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+    "safety_identifier", "stream_options", "verbosity",
+})
+
+#: Sampling parameters beyond OpenAI's that llama.cpp, vLLM and llama-server also accept.
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "seed")
+
+
+@dataclass
+class ParsedRequest:
+    """An OpenAI request turned into what an engine needs, plus how to shape the answer."""
+
+    model: str | None
+    request: GenerationRequest
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    #: load options for the pool (a velollm extension: ``"load_options": {"n_ctx": 4096}``)
+    load_options: dict[str, Any] = field(default_factory=dict)
+
+    def requests(self) -> list[GenerationRequest]:
+        """One request per choice; with a seed, choice ``i`` uses ``seed + i`` so choices differ."""
+        if self.n == 1:
+            return [self.request]
+        seed = self.request.seed
+        return [self.request.model_copy(update={"seed": None if seed is None else seed + i}) for i in range(self.n)]
+
+
+# --- OpenAI parameters -> GenerationRequest -----------------------------------------------------
+def _fail_unsupported(params: Mapping[str, Any]) -> None:
+    for name, what in UNSUPPORTED.items():
+        value = params.get(name)
+        if name == "tool_choice" and value in ("auto", "none") and not params.get("tools"):
+            continue
+        if name == "best_of" and value == 1:
+            continue
+        if value is not None and not any(value is off or value == off for off in _OFF_VALUES if off is not None):
+            raise UnsupportedFeature(f"velollm does not support {what} ('{name}'); remove it from the request")
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """``response_format`` -> JSON schema to constrain decoding with (``None``: free text).
+
+    Accepts OpenAI's ``json_schema`` form, ``json_object`` (any JSON object, or the schema given
+    llama-cpp-python style under ``"schema"``), ``text``, and a pydantic model class (litellm
+    passes those through from user code).
+    """
+    if response_format is None:
+        return None
+    if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
+        return response_format.model_json_schema()
+    if not isinstance(response_format, Mapping):
+        raise InvalidRequest("'response_format' must be an object like {\"type\": \"json_object\"}")
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return dict(schema) if isinstance(schema, Mapping) else {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise InvalidRequest("'response_format.json_schema.schema' must be a JSON schema object")
+        return dict(schema)
+    raise InvalidRequest(f"unknown response_format type {kind!r} (use 'text', 'json_object' or 'json_schema')")
+
+
+def _text_content(content: Any, index: int) -> str:
+    """A message's content as text; OpenAI allows a list of parts, velollm reads the text ones."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part, str):
+                texts.append(part)
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise UnsupportedFeature(f"messages[{index}]: content part of type {kind!r} is not supported "
+                                         "(text-only models)")
+        return "".join(texts)
+    raise InvalidRequest(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def messages_from_openai(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> velollm's plain-text messages (``developer`` becomes ``system``)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequest(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            if role in ("tool", "function"):
+                raise UnsupportedFeature(f"messages[{i}]: role {role!r} (tool calling) is not supported")
+            raise InvalidRequest(f"messages[{i}]: unknown role {role!r}")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise UnsupportedFeature(f"messages[{i}]: tool calls are not supported")
+        entry: dict[str, Any] = {"role": role, "content": _text_content(message.get("content"), i)}
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        out.append(entry)
+    return out
+
+
+def _int_param(params: Mapping[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be an integer, got {value!r}")
+    return value
+
+
+def generation_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling, length, stop and output-format fields of a :class:`GenerationRequest`."""
+    _fail_unsupported(params)
+    fields: dict[str, Any] = {}
+    for name in _SAMPLING:
+        if params.get(name) is not None:
+            fields[name] = params[name]
+    penalty = params.get("repeat_penalty", params.get("repetition_penalty"))
+    if penalty is not None:
+        fields["repeat_penalty"] = penalty
+    max_tokens = _int_param(params, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _int_param(params, "max_tokens")
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    stop = params.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest("'stop' must be a string or a list of strings")
+        fields["stop"] = stop
+    schema = response_format_schema(params.get("response_format"))
+    if schema is not None:
+        fields["json_schema"] = schema
+    if params.get("grammar") is not None:  # llama.cpp's server extension: a GBNF grammar
+        fields["grammar"] = params["grammar"]
+    return fields
+
+
+def _n(params: Mapping[str, Any]) -> int:
+    n = _int_param(params, "n")
+    if n is None:
+        return 1
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"'n' must be between 1 and {MAX_N}, got {n}")
+    return n
+
+
+def _flags(params: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = bool(params.get("stream") or False)
+    options = params.get("stream_options") or {}
+    if not isinstance(options, Mapping):
+        raise InvalidRequest("'stream_options' must be an object")
+    return stream, bool(options.get("include_usage"))
+
+
+def _load_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    options = params.get("load_options") or {}
+    if not isinstance(options, Mapping):
+        raise InvalidRequest("'load_options' must be an object of velollm load options")
+    return dict(options)
+
+
+def _check_known(params: Mapping[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(k for k in params if k not in known and k not in IGNORED and k not in UNSUPPORTED)
+    if unknown:
+        raise InvalidRequest(f"unrecognized request argument(s): {', '.join(unknown)}")
+
+
+_COMMON = frozenset({*_SAMPLING, "repeat_penalty", "repetition_penalty", "max_tokens", "max_completion_tokens",
+                     "stop", "response_format", "grammar", "n", "stream", "model", "load_options"})
+CHAT_KEYS = _COMMON | {"messages"}
+COMPLETION_KEYS = _COMMON | {"prompt"}
+
+
+def parse_chat(params: Mapping[str, Any], *, strict: bool = True) -> ParsedRequest:
+    """An OpenAI ``/v1/chat/completions`` body -> :class:`ParsedRequest`.
+
+    ``strict`` rejects parameters nobody knows (the server, like OpenAI, answers 400); the
+    litellm provider is lenient because litellm and DSPy add their own bookkeeping keys.
+    """
+    if not isinstance(params, Mapping):
+        raise InvalidRequest("the request body must be a JSON object")
+    if strict:
+        _check_known(params, CHAT_KEYS)
+    fields = generation_fields(params)
+    request = GenerationRequest.of(messages=messages_from_openai(params.get("messages")), **fields)
+    stream, include_usage = _flags(params)
+    model = params.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string")
+    return ParsedRequest(model=model, request=request, n=_n(params), stream=stream, include_usage=include_usage,
+                         load_options=_load_options(params))
+
+
+def parse_completion(params: Mapping[str, Any], *, strict: bool = True) -> list[ParsedRequest]:
+    """An OpenAI ``/v1/completions`` body -> one :class:`ParsedRequest` per prompt (a list of
+    prompts gives ``n`` choices for each, in order, as OpenAI does)."""
+    if not isinstance(params, Mapping):
+        raise InvalidRequest("the request body must be a JSON object")
+    if strict:
+        _check_known(params, COMPLETION_KEYS)
+    prompt = params.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts:
+        raise InvalidRequest("'prompt' must be a string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise UnsupportedFeature("'prompt' as token ids is not supported; send text")
+    fields = generation_fields(params)
+    stream, include_usage = _flags(params)
+    model = params.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string")
+    n = _n(params)
+    if len(prompts) * n > MAX_N:
+        raise InvalidRequest(f"at most {MAX_N} completions per request ({len(prompts)} prompts x n={n})")
+    return [
+        ParsedRequest(model=model, request=GenerationRequest.of(prompt=p, **fields), n=n, stream=stream,
+                      include_usage=include_usage, load_options=_load_options(params))
+        for p in prompts
+    ]
+
+
+def check_for_engine(request: GenerationRequest, engine: Engine) -> None:
+    """Reject what this engine cannot do before any work starts (no silent dropping)."""
+    caps = engine.capabilities
+    if request.json_schema is not None and not caps.json_schema:
+        raise UnsupportedFeature(f"{engine.name} cannot constrain output to a JSON schema")
+    if request.grammar is not None and not caps.grammar:
+        raise UnsupportedFeature(f"{engine.name} does not support grammars")
+    if request.messages is not None and not caps.chat:
+        raise UnsupportedFeature(f"{engine.name} has no chat mode; use a completion with a prompt")
+    n_ctx = engine.context_length
+    if n_ctx and request.max_tokens is not None and request.max_tokens > n_ctx:
+        raise InvalidRequest(f"max_tokens={request.max_tokens} is larger than the model's context window ({n_ctx})")
+
+
+# --- engine results -> OpenAI dicts ---------------------------------------------------------------
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def total_usage(completions: list[Completion], prompts: int = 1) -> dict[str, int]:
+    """OpenAI counts each distinct prompt once and every generated token."""
+    per_prompt = len(completions) // max(prompts, 1) or 1
+    prompt_tokens = sum(c.usage.prompt_tokens for c in completions[::per_prompt])
+    return usage_dict(prompt_tokens, sum(c.usage.completion_tokens for c in completions))
+
+
+def chat_completion(completions: list[Completion], model: str, *, id: str | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` object; choice ``i`` is ``completions[i]``."""
+    return {
+        "id": id or new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+             "logprobs": None}
+            for i, c in enumerate(completions)
+        ],
+        "usage": total_usage(completions),
+    }
+
+
+def text_completion(completions: list[Completion], model: str, *, prompts: int = 1,
+                    id: str | None = None) -> dict[str, Any]:
+    """A ``text_completion`` object (the legacy ``/v1/completions`` shape)."""
+    return {
+        "id": id or new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            for i, c in enumerate(completions)
+        ],
+        "usage": total_usage(completions, prompts),
+    }
+
+
+def chat_chunk(id: str, model: str, created: int, index: int, *, content: str | None = None,
+               role: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` with a delta for choice ``index``."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def text_chunk(id: str, model: str, created: int, index: int, text: str,
+               finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk(id: str, model: str, created: int, usage: dict[str, int], *, chat: bool = True) -> dict[str, Any]:
+    """The extra last chunk OpenAI sends with ``stream_options.include_usage``: no choices, usage."""
+    return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage}
+
+
+# --- errors --------------------------------------------------------------------------------------
+#: velollm error -> (HTTP status, OpenAI error type, code). Most specific classes first.
+ERROR_TABLE: list[tuple[type[VeloError], int, str, str | None]] = [
+    (ContextOverflow, 400, "invalid_request_error", "context_length_exceeded"),
+    (UnsupportedFeature, 400, "invalid_request_error", "unsupported_parameter"),
+    (InvalidRequest, 400, "invalid_request_error", None),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (InvalidModelFile, 400, "invalid_request_error", "invalid_model"),
+    (AuthenticationFailed, 401, "invalid_request_error", "invalid_api_key"),
+    (QueueFull, 429, "rate_limit_error", "queue_full"),
+    (QueueTimeout, 503, "server_error", "queue_timeout"),
+    (InsufficientMemory, 503, "server_error", "insufficient_memory"),
+    (BackendUnavailable, 503, "server_error", "backend_unavailable"),
+    (BackendNotFound, 400, "invalid_request_error", "backend_not_found"),
+    (EngineClosed, 503, "server_error", "engine_closed"),
+    (RemoteUnavailable, 502, "server_error", "upstream_error"),
+    (ModelSourceError, 502, "server_error", "model_source_error"),
+    (GenerationError, 500, "server_error", "generation_error"),
+]
+
+
+def error_status(exc: BaseException) -> tuple[int, str, str | None]:
+    """``(HTTP status, OpenAI error type, code)`` for any exception; unknown ones are 500s."""
+    for cls, status, kind, code in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return status, kind, code
+    return 500, "server_error", None
+
+
+def error_body(exc: BaseException, *, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+    _, kind, code = error_status(exc)
+    message = str(exc) if isinstance(exc, VeloError) else f"internal error: {type(exc).__name__}"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_from_response(status: int, body: Any) -> VeloError:
+    """The velollm error for an OpenAI-compatible server's error answer (the remote backend)."""
+    message = f"HTTP {status}"
+    code = None
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if isinstance(error, Mapping):
+        message = str(error.get("message") or message)
+        code = error.get("code")
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(body, Mapping) and isinstance(body.get("detail"), str):
+        message = body["detail"]
+    elif isinstance(body, str) and body.strip():
+        message = body.strip()[:500]
+    lowered = message.lower()
+    if status in (401, 403):
+        return AuthenticationFailed(f"the server refused the credentials: {message}")
+    if status == 404 or code == "model_not_found":
+        return ModelNotFound(message)
+    if code == "context_length_exceeded" or ("context" in lowered and ("length" in lowered or "window" in lowered)):
+        return ContextOverflow(message)
+    if code == "unsupported_parameter":
+        return UnsupportedFeature(message)
+    if status in (400, 413, 422):
+        return InvalidRequest(message)
+    if status == 429:
+        return QueueFull(f"the server is busy: {message}")
+    if status >= 500:
+        return RemoteUnavailable(f"server error {status}: {message}")
+    return GenerationError(f"unexpected answer {status}: {message}")
+
+
+# --- the other way: GenerationRequest -> OpenAI body, OpenAI answers -> engine types -------------
+def openai_body(request: GenerationRequest, model: str, *, sampling_extras: bool = True,
+                stream: bool = False) -> tuple[str, dict[str, Any]]:
+    """``(endpoint, body)`` that asks an OpenAI-compatible server for this request.
+
+    ``sampling_extras`` also sends top_k/min_p/repetition_penalty, which vLLM, llama.cpp's and
+    velollm's servers accept; OpenAI itself would reject them.
+    """
+    body: dict[str, Any] = {"model": model, "temperature": request.temperature, "top_p": request.top_p}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.frequency_penalty:
+        body["frequency_penalty"] = request.frequency_penalty
+    if request.presence_penalty:
+        body["presence_penalty"] = request.presence_penalty
+    if sampling_extras:
+        body.update(top_k=request.top_k, min_p=request.min_p)
+        if request.repeat_penalty != 1.0:
+            body["repetition_penalty"] = request.repeat_penalty
+    if request.json_schema is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": request.json_schema, "strict": True}}
+    if request.grammar is not None:
+        body["grammar"] = request.grammar
+    body.update(request.extra)
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    if request.messages is not None:
+        body["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
+        return "chat/completions", body
+    body["prompt"] = request.prompt
+    return "completions", body
+
+
+def _finish(reason: Any) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(data: Any) -> Usage | None:
+    if not isinstance(data, Mapping):
+        return None
+    return Usage(prompt_tokens=int(data.get("prompt_tokens") or 0),
+                 completion_tokens=int(data.get("completion_tokens") or 0))
+
+
+def _choice_text(choice: Mapping[str, Any]) -> str:
+    if "message" in choice:
+        return (choice.get("message") or {}).get("content") or ""
+    if "delta" in choice:
+        return (choice.get("delta") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def completion_from_openai(data: Any) -> Completion:
+    """An OpenAI (chat) completion answer -> :class:`Completion` (first choice)."""
+    if not isinstance(data, Mapping) or not data.get("choices"):
+        raise GenerationError(f"the server's answer has no choices: {str(data)[:300]}")
+    choice = data["choices"][0]
+    return Completion(text=_choice_text(choice), finish_reason=_finish(choice.get("finish_reason")),
+                      usage=_usage(data.get("usage")) or Usage(), model=str(data.get("model") or ""))
+
+
+def chunk_from_openai(data: Any) -> tuple[str, str | None, Usage | None]:
+    """One streamed OpenAI chunk -> ``(text, finish_reason or None, usage or None)``."""
+    if not isinstance(data, Mapping):
+        raise GenerationError(f"unexpected stream event: {str(data)[:300]}")
+    if "error" in data:
+        raise error_from_response(500, data)
+    choices = data.get("choices") or []
+    text, finish = "", None
+    if choices:
+        text = _choice_text(choices[0])
+        if choices[0].get("finish_reason"):
+            finish = _finish(choices[0]["finish_reason"])
+    return text, finish, _usage(data.get("usage"))
+
+
+def final_chunk(finish_reason: str, usage: Usage) -> Chunk:
+    return Chunk(text="", finish_reason=_finish(finish_reason), usage=usage)

@@ -1,0 +1,379 @@
+"""The FastAPI application: OpenAI's chat/completions API, tokenization, health and pool status.
+
+Every request gets its engine from the pool and generates in its own thread
+(:func:`velollm.adapters.streams.start_stream`), so requests for different models run at once
+and requests for one model queue on that engine. Loading, queueing and validation happen before
+an answer starts, so their errors get a proper HTTP status; an error mid-stream becomes an
+error event. A client that goes away stops its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from velollm.adapters import openai_compat as oc
+from velollm.adapters.streams import AsyncStream, acollect, open_leased, start_stream
+from velollm.engine import Chunk
+from velollm.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, VeloError
+
+log = logging.getLogger(__name__)
+
+#: How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ServerConfig:
+    """What a server serves. ``models`` maps the public model id to a pool reference."""
+
+    models: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    allow_any_model: bool = False
+    load_options: dict[str, Any] = field(default_factory=dict)
+    preload: bool = False
+
+    @classmethod
+    def from_cli(cls, models: list[str], **kwargs: Any) -> ServerConfig:
+        """``--model REF`` or ``--model ID=REF``; none given: every pulled catalogue model."""
+        mapping: dict[str, str] = {}
+        for item in models:
+            alias, sep, ref = item.partition("=")
+            if sep and _ALIAS.match(alias) and ref and not Path(item).exists():
+                mapping[alias] = ref
+            else:
+                mapping[item] = item
+        if not mapping:
+            mapping = pulled_catalogue_models()
+        return cls(models=mapping, **kwargs)
+
+    def resolve(self, name: str | None) -> tuple[str, str]:
+        """``(public id, pool reference)`` for a request's ``model``."""
+        if not name:
+            if not self.models:
+                raise InvalidRequest("'model' is required")
+            return next(iter(self.models.items()))
+        if name in self.models:
+            return name, self.models[name]
+        for alias, ref in self.models.items():
+            if name == ref:
+                return alias, ref
+        from velollm.models import catalog_entry
+
+        entry = catalog_entry(name)
+        if entry is not None:  # a catalogue alias ("qwen0.5b") of a served model
+            for alias, ref in self.models.items():
+                if entry is catalog_entry(alias) or entry is catalog_entry(ref):
+                    return alias, ref
+        if self.allow_any_model and not name.startswith("remote:"):
+            return name, name
+        served = ", ".join(self.models) or "none"
+        raise ModelNotFound(f"the model {name!r} does not exist on this server (served: {served})")
+
+
+def pulled_catalogue_models() -> dict[str, str]:
+    from velollm.models import CATALOG, cached_path
+
+    return {name: name for name, entry in CATALOG.items() if cached_path(entry).exists()}
+
+
+def _pool_status(pool: Any) -> dict[str, Any]:
+    status = getattr(pool, "status", None)
+    if not callable(status):
+        return {"models": [], "note": "this pool does not report its status"}
+    result = status()
+    if hasattr(result, "model_dump"):
+        result = result.model_dump(mode="json")
+    return result if isinstance(result, dict) else {"status": result}
+
+
+def _loaded_models(pool: Any) -> dict[str, dict[str, Any]]:
+    """Pool-status entries of ready models, by model reference."""
+    try:
+        models = _pool_status(pool).get("models") or []
+    except Exception:
+        return {}
+    return {str(m["ref"]): m for m in models if isinstance(m, dict) and m.get("ref") and m.get("state") == "ready"}
+
+
+class _JSONError(Exception):
+    """An error answer that is not a velollm error (bad JSON, unknown route)."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
+    """The server for ``config``; ``pool`` defaults to the process-wide pool."""
+    from velollm.pool import get_pool
+
+    pool = pool or get_pool()
+    started = int(time.time())
+    windows: dict[str, int] = {}  # context length of each reference once an engine has served it
+
+    def check(ref: str) -> Any:
+        def run(request: Any, engine: Any) -> None:
+            windows[ref] = engine.context_length
+            oc.check_for_engine(request, engine)
+
+        return run
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.preload:
+            for ref in config.models.values():
+                lease = await asyncio.to_thread(pool.acquire, ref, **config.load_options)
+                windows[ref] = lease.engine.context_length
+                lease.release()
+        yield
+        close = getattr(pool, "close", None)
+        if callable(close):
+            await asyncio.to_thread(close)
+
+    app = FastAPI(title="velollm", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    # --- errors, all in OpenAI's envelope ------------------------------------------------------
+    @app.exception_handler(VeloError)
+    async def _velo_error(request: Request, exc: VeloError) -> JSONResponse:
+        status, _, _ = oc.error_status(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(oc.error_body(exc), status_code=status, headers=headers)
+
+    @app.exception_handler(_JSONError)
+    async def _json_error(request: Request, exc: _JSONError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(oc.error_body(exc), status_code=500)
+
+    async def authorized(request: Request) -> None:
+        if not config.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise AuthenticationFailed("missing or incorrect API key: send 'Authorization: Bearer <key>'")
+
+    guarded = [Depends(authorized)]
+
+    async def body_of(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _JSONError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    def no_load_options(parsed: oc.ParsedRequest) -> None:
+        if parsed.load_options:
+            raise InvalidRequest("'load_options' are set by whoever runs the server, not per request")
+
+    async def open_choices(ref: str, requests: list[Any]) -> AsyncStream:
+        return await start_stream(lambda: open_leased(pool, ref, requests, config.load_options, check(ref)))
+
+    # --- OpenAI endpoints ------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request) -> Any:
+        parsed = oc.parse_chat(await body_of(request))
+        no_load_options(parsed)
+        model_id, ref = config.resolve(parsed.model)
+        stream = await open_choices(ref, parsed.requests())
+        if parsed.stream:
+            return _sse(_chat_events(stream, model_id, parsed.n, parsed.include_usage))
+        completions = await _unless_disconnected(request, acollect(stream, parsed.n, model_id))
+        return oc.chat_completion(completions, model_id)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request) -> Any:
+        batch = oc.parse_completion(await body_of(request))
+        first = batch[0]
+        no_load_options(first)
+        model_id, ref = config.resolve(first.model)
+        requests = [r for parsed in batch for r in parsed.requests()]
+        stream = await open_choices(ref, requests)
+        if first.stream:
+            return _sse(_text_events(stream, model_id, len(batch), first.include_usage))
+        done = await _unless_disconnected(request, acollect(stream, len(requests), model_id))
+        return oc.text_completion(done, model_id, prompts=len(batch))
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models() -> dict[str, Any]:
+        loaded = _loaded_models(pool)
+        data = []
+        for model_id, ref in config.models.items():
+            entry: dict[str, Any] = {"id": model_id, "object": "model", "created": started, "owned_by": "velollm",
+                                     "ref": ref, "loaded": ref in loaded}
+            n_ctx = windows.get(ref)
+            if n_ctx:
+                entry["max_model_len"] = n_ctx
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        found, ref = config.resolve(model_id)
+        return {"id": found, "object": "model", "created": started, "owned_by": "velollm", "ref": ref}
+
+    @app.post("/v1/embeddings", dependencies=guarded)
+    async def embeddings(request: Request) -> dict[str, Any]:
+        from velollm import embeddings as emb  # the model is loaded a second time, for embeddings
+
+        parsed = emb.parse_openai(await body_of(request))
+        model_id, ref = config.resolve(parsed.model)
+        return await asyncio.to_thread(emb.openai_embeddings, parsed, ref, model_id, pool=pool, **config.load_options)
+
+    # --- tokenization (vLLM's and llama.cpp's shapes both accepted) --------------------------------
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await body_of(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        text = next((body[k] for k in ("prompt", "content", "text") if k in body), None)
+        if not isinstance(text, str):
+            raise InvalidRequest("send the text to tokenize as 'prompt' (or 'content')")
+        add_special = bool(body.get("add_special_tokens", body.get("add_special", True)))
+        model_id, ref = config.resolve(body.get("model"))
+
+        def run() -> tuple[list[int], int]:
+            with pool.engine(ref, **config.load_options) as engine:
+                return engine.tokenize(text, add_special=add_special), engine.context_length
+
+        tokens, n_ctx = await asyncio.to_thread(run)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": n_ctx, "model": model_id}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await body_of(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise InvalidRequest("'tokens' must be a list of integers")
+        model_id, ref = config.resolve(body.get("model"))
+
+        def run() -> str:
+            with pool.engine(ref, **config.load_options) as engine:
+                return engine.detokenize(tokens)
+
+        text = await asyncio.to_thread(run)
+        return {"prompt": text, "content": text, "model": model_id}
+
+    # --- operations ----------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(config.models)}
+
+    @app.get("/v1/pool", dependencies=guarded)
+    async def pool_status() -> dict[str, Any]:
+        return {"served": config.models, **_pool_status(pool)}
+
+    return app
+
+
+def _version() -> str:
+    from velollm import __version__
+
+    return __version__
+
+
+# --- streaming --------------------------------------------------------------------------------------
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _chat_events(stream: AsyncStream, model: str, n: int, include_usage: bool) -> AsyncIterator[str]:
+    id, created = oc.new_id(), int(time.time())
+    started: set[int] = set()
+    finals: list[Chunk] = []
+    async with stream:
+        try:
+            async for index, chunk in stream:
+                if index not in started:
+                    started.add(index)
+                    yield _data(oc.chat_chunk(id, model, created, index, role=True, content=""))
+                if chunk.text:
+                    yield _data(oc.chat_chunk(id, model, created, index, content=chunk.text))
+                if chunk.finish_reason is not None:
+                    finals.append(chunk)
+                    yield _data(oc.chat_chunk(id, model, created, index, finish_reason=chunk.finish_reason))
+        except Exception as exc:  # the answer has started: the error can only be an event
+            yield _stream_error(exc)
+            return
+    if include_usage:
+        yield _data(oc.usage_chunk(id, model, created, _usage(finals, 1)))
+    yield "data: [DONE]\n\n"
+
+
+async def _text_events(stream: AsyncStream, model: str, prompts: int, include_usage: bool) -> AsyncIterator[str]:
+    id, created = oc.new_id("cmpl"), int(time.time())
+    finals: list[Chunk] = []
+    async with stream:
+        try:
+            async for index, chunk in stream:
+                if chunk.text or chunk.finish_reason is not None:
+                    yield _data(oc.text_chunk(id, model, created, index, chunk.text, chunk.finish_reason))
+                if chunk.finish_reason is not None:
+                    finals.append(chunk)
+        except Exception as exc:
+            yield _stream_error(exc)
+            return
+    if include_usage:
+        yield _data(oc.usage_chunk(id, model, created, _usage(finals, prompts), chat=False))
+    yield "data: [DONE]\n\n"
+
+
+def _stream_error(exc: Exception) -> str:
+    if not isinstance(exc, VeloError):
+        log.error("generation failed mid-stream", exc_info=exc)
+    return _data(oc.error_body(exc))
+
+
+def _usage(finals: list[Chunk], prompts: int) -> dict[str, int]:
+    usages = [c.usage for c in finals if c.usage is not None]
+    per_prompt = max(len(usages) // max(prompts, 1), 1)
+    prompt_tokens = sum(u.prompt_tokens for u in usages[::per_prompt])
+    return oc.usage_dict(prompt_tokens, sum(u.completion_tokens for u in usages))
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; if the client goes away first, cancel it (which stops generation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise _JSONError(499, "client closed the request")
+    finally:
+        if not task.done():
+            task.cancel()
