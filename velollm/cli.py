@@ -58,10 +58,13 @@ def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
 
     facts = run_probe()
     status = backend_status(facts)
+    devices = _backend_devices(facts)
     if as_json:
         _print_json({
             "machine": facts.model_dump(mode="json"),
-            "backends": {name: {"usable": ok, "reason": reason} for name, (ok, reason) in status.items()},
+            "compiled_backends": facts.compiled_backends(),
+            "backends": {name: {"usable": ok, "reason": reason, "devices": devices.get(name, [])}
+                         for name, (ok, reason) in status.items()},
         })
         return
     out.print(f"[bold]CPU[/bold]  {facts.cpu.model} ({facts.cpu.physical_cores} cores / "
@@ -76,8 +79,21 @@ def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
     for name, (ok, reason) in status.items():
         table.add_row(name, "[green]yes[/green]" if ok else "[red]no[/red]", reason)
     out.print(table)
+    for name, backends in facts.compiled_backends().items():
+        out.print(f"[bold]{name}[/bold] compiled backends: {', '.join(backends) or 'none'}")
+    for source, found in facts.sources.items():
+        out.print(f"[dim]source {source}: {escape(found)}[/dim]")
     for note in facts.notes:
         out.print(f"[dim]note: {escape(note)}[/dim]")
+
+
+def _backend_devices(facts: Any) -> dict[str, list[dict[str, Any]]]:
+    """The accelerators each usable backend would place layers on (what `velollm place` uses)."""
+    from velollm.host import get_host
+    from velollm.pool.placement import backend_devices
+
+    return {name: [d.model_dump() for d in backend_devices(backend, facts)]
+            for name, backend in get_host().backends().items()}
 
 
 @app.command()
@@ -93,7 +109,8 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     table = Table("plugin", "distribution", "hooks", "registered", "problems")
     for r in records:
         dist = f"{r.distribution or '-'} {r.version or ''}".strip()
-        registered = ", ".join(r.backends + r.model_sources) or "-"
+        registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in
+                               (("backends", r.backends), ("sources", r.model_sources)) if names) or "-"
         problems = "[red]" + "\n".join(r.failures) + "[/red]" if r.failures else "-"
         table.add_row(r.name + (" (built-in)" if r.builtin else ""), dist, ", ".join(r.hooks) or "-", registered,
                       problems)
@@ -153,11 +170,17 @@ def pull(
 def info(
     model: Annotated[str, typer.Argument(help="Path, catalogue name or hf: reference.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor and the bytes per layer.")] = False,
 ) -> None:
     """Summarise a GGUF model (architecture, size, quantisation, context, template...)."""
     from velollm import gguf_info, models
 
     details = gguf_info.inspect(models.resolve(model, download=False).path)
+    if tensors:
+        from velollm.tensor_table import print_tensor_report, tensor_report
+
+        _print_json(tensor_report(details)) if as_json else print_tensor_report(details, out)
+        return
     summary = details.summary()
     if as_json:
         _print_json(summary)
@@ -172,12 +195,45 @@ def info(
     out.print(table)
 
 
+@app.command()
+def place(
+    model: Annotated[str, typer.Argument(help="Path, catalogue name or hf: reference.")],
+    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window in tokens.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Backend name (see `velollm probe`).")] = None,
+    gpu_layers: Annotated[int | None, typer.Option("--gpu-layers", help="Force n_gpu_layers (-1: all).")] = None,
+    kv_cache_type: Annotated[str, typer.Option("--kv-cache-type", help="KV cache type to plan for: f16, q8_0, "
+                                               "q4_0... (the estimate; backends load f16 unless told)")] = "f16",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """How MODEL would be loaded here (backend, GPU layers, threads, context) and why; loads nothing."""
+    from velollm.engine import LoadOptions
+    from velollm.loading import prepare
+    from velollm.pool.placement import fmt_bytes
+
+    fields = {k: v for k, v in {"n_ctx": ctx, "n_gpu_layers": gpu_layers}.items() if v is not None}
+    prepared = prepare(model, backend=backend, options=LoadOptions(**fields), kv_cache_type=kv_cache_type)
+    plan = prepared.plan
+    if as_json:
+        _print_json({"model": str(prepared.resolved.path), "plan": plan.model_dump(mode="json"),
+                     "load_options": prepared.load_options.model_dump(mode="json"), "explain": plan.explain()})
+        return
+    out.print(f"[bold]{escape(plan.model)}[/bold] on [bold]{plan.backend}[/bold]: n_ctx {plan.n_ctx}, "
+              f"n_gpu_layers {plan.n_gpu_layers}, {plan.n_threads} threads, about {fmt_bytes(plan.memory_bytes)}")
+    table = Table("decision", "value", "why")
+    for d in plan.decisions:
+        table.add_row(d.topic, escape(str(d.value)), escape(d.reason))
+    out.print(table)
+    for name, why in plan.rejected.items():
+        out.print(f"[dim]not {name}: {escape(why)}[/dim]")
+
+
 # --- generation ---------------------------------------------------------------------------------
 def _load(model: str, backend: str | None, ctx: int | None, threads: int | None):  # -> Engine
-    from velollm.engine import LoadOptions
-    from velollm.loading import load_engine
+    """An engine from the process-wide pool; its ``close()`` ends the lease (keep_alive 0: unload)."""
+    from velollm.pool import get_pool
 
-    return load_engine(model, backend=backend, options=LoadOptions(n_ctx=ctx, n_threads=threads))
+    options = {k: v for k, v in {"n_ctx": ctx, "n_threads": threads}.items() if v is not None}
+    return get_pool().acquire(model, backend=backend, keep_alive=0, **options).engine
 
 
 @app.command()

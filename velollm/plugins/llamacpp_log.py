@@ -16,7 +16,8 @@ import threading
 from collections.abc import Iterator
 
 logger = logging.getLogger("velollm.llama_cpp")
-_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml.h: NONE=0 DEBUG=1 INFO=2 WARN=3 ERROR=4 CONT=5 (llama-cpp-python's own _logger map is one off)
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _captures: list[list[str]] = []
 _lock = threading.Lock()
 _callback = None  # kept referenced: ctypes callbacks must outlive their registration
