@@ -1,0 +1,219 @@
+"""``velollm.Adapter``: a DSPy adapter that makes small local models' predictions parse.
+
+Per call it picks one output format:
+
+* **json, constrained** (default when the LM can take a response schema — every velollm engine
+  with a grammar can): the model writes a JSON object constrained to the signature's schema,
+  so the first answer always parses; one LM call per prediction.
+* **markers** (``[[ ## field ## ]]``, DSPy's ChatAdapter format) when constraining is off or
+  impossible, and always while the prediction is streamed, so DSPy's ``StreamListener`` can cut
+  field chunks out of the token stream.
+
+Whatever the format, parsing tries markers, then JSON (repaired), then the whole text for a
+lone field (:mod:`velollm.adapters.parsing`). An answer that still does not parse is sent back
+to the model with what was missing, a bounded number of times (:mod:`velollm.adapters.retry`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import warnings
+from contextvars import ContextVar
+from typing import Any, Literal
+
+from dspy.adapters.chat_adapter import ChatAdapter, FieldInfoWithName
+from dspy.adapters.types.tool import ToolCalls
+from dspy.adapters.utils import get_annotation_name, serialize_for_json, translate_field_type
+from dspy.signatures.signature import Signature
+from dspy.utils.callback import BaseCallback
+from dspy.utils.exceptions import AdapterParseError
+
+from velollm.adapters import parsing, schema, streaming
+from velollm.adapters.retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+OutputFormat = Literal["json", "markers"]
+_FORMAT: ContextVar[OutputFormat | None] = ContextVar("velollm_adapter_format", default=None)
+
+
+def _message_call(lm: Any, messages: list[dict[str, Any]]) -> Any:
+    """DSPy's marker for an adapter-owned ``messages=`` call (it silences the 3.5 deprecation
+    warning meant for end users); absent in other DSPy versions, where nothing is needed."""
+    try:
+        from dspy.clients._deprecation import adapter_message_call
+    except ImportError:  # pragma: no cover - depends on the DSPy version
+        return contextlib.nullcontext()
+    return adapter_message_call(lm, messages)
+
+
+class Adapter(ChatAdapter):
+    """DSPy adapter for local models: constrained JSON when possible, tolerant parsing always.
+
+    Args:
+        constrained: generate JSON constrained to the signature's schema when the LM supports
+            response schemas (velollm engines with grammars do). ``False`` turns it off.
+        max_attempts: LM calls per prediction at most (parse failures and transient backend
+            errors are retried; other errors are not).
+        unconstrained_format: what to ask for when not constraining: ``"markers"`` (default,
+            what small chat models follow best) or ``"json"``.
+        backoff_s, max_backoff_s: exponential backoff for transient backend errors.
+    """
+
+    def __init__(
+        self,
+        *,
+        constrained: bool = True,
+        max_attempts: int = 3,
+        unconstrained_format: OutputFormat = "markers",
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        callbacks: list[BaseCallback] | None = None,
+        native_response_types: list[type] | None = None,
+    ) -> None:
+        if unconstrained_format not in ("json", "markers"):
+            raise ValueError("unconstrained_format must be 'json' or 'markers'")
+        super().__init__(callbacks=callbacks, native_response_types=native_response_types,
+                         use_json_adapter_fallback=False)
+        self.constrained = constrained
+        self.unconstrained_format: OutputFormat = unconstrained_format
+        self.retry_policy = RetryPolicy(max_attempts=max_attempts, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+
+    # --- choosing the format ---------------------------------------------------------------------
+    @property
+    def output_format(self) -> OutputFormat:
+        """The format ``format()`` writes now: the current call's, else the configured default."""
+        current = _FORMAT.get()
+        if current is not None:
+            return current
+        return "json" if self.constrained else self.unconstrained_format
+
+    def plan(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature]) -> tuple[OutputFormat, dict | None]:
+        """(output format, response_format to send) for one call."""
+        if streaming.streaming_now():
+            return "markers", None
+        if not self.constrained or "response_format" in lm_kwargs or not getattr(lm, "supports_response_schema", False):
+            return self.unconstrained_format, None
+        try:
+            return "json", schema.response_format(signature)
+        except schema.SchemaUnavailable as exc:
+            warnings.warn(f"velollm.Adapter: cannot constrain {signature.__name__} ({exc}); "
+                          "generating without a schema", RuntimeWarning, stacklevel=3)
+            return self.unconstrained_format, None
+
+    def _prepare(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature], demos: list[dict[str, Any]],
+                 inputs: dict[str, Any]) -> tuple[type[Signature], list[dict[str, Any]], dict[str, Any], OutputFormat]:
+        fmt, response_format = self.plan(lm, lm_kwargs, signature)
+        processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
+        token = _FORMAT.set(fmt)
+        try:
+            messages = self.format(processed, demos, inputs)
+        finally:
+            _FORMAT.reset(token)
+        kwargs = dict(lm_kwargs)
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        if streaming.streaming_now():
+            streaming.adapt_listeners(self)
+        return processed, messages, kwargs, fmt
+
+    # --- the call --------------------------------------------------------------------------------
+    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature], demos: list[dict[str, Any]],
+                 inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        prepared = None
+        feedback: list[dict[str, Any]] = []
+        for attempt in self.retry_policy.retrying():
+            with attempt:
+                # inside the retry: planning may load the model, which can fail transiently too
+                prepared = prepared or self._prepare(lm, lm_kwargs, signature, demos, inputs)
+                processed, messages, kwargs, fmt = prepared
+                sent = messages + feedback
+                with _message_call(lm, sent):
+                    outputs = lm(messages=sent, **kwargs)
+                try:
+                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
+                except AdapterParseError as exc:
+                    feedback = self.feedback(processed, exc, fmt)
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+    async def acall(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature],
+                    demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        prepared = None
+        feedback: list[dict[str, Any]] = []
+        async for attempt in self.retry_policy.aretrying():
+            with attempt:
+                # planning may load the model: keep it off the event loop
+                prepared = prepared or await asyncio.to_thread(self._prepare, lm, lm_kwargs, signature, demos, inputs)
+                processed, messages, kwargs, fmt = prepared
+                sent = messages + feedback
+                with _message_call(lm, sent):
+                    outputs = await lm.acall(messages=sent, **kwargs)
+                try:
+                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
+                except AdapterParseError as exc:
+                    feedback = self.feedback(processed, exc, fmt)
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+    def feedback(self, signature: type[Signature], exc: AdapterParseError, fmt: OutputFormat) -> list[dict[str, Any]]:
+        """The turns that show the model its unusable answer and what a usable one needs."""
+        answer = exc.lm_response or ""
+        if isinstance(exc, parsing.ParseFailure):
+            problem = parsing.describe(signature, answer, exc.report)
+        else:
+            problem = "The answer was empty." if not answer.strip() else "It could not be read."
+        token = _FORMAT.set(fmt)
+        try:
+            requirements = self.user_message_output_requirements(signature)
+        finally:
+            _FORMAT.reset(token)
+        return [
+            {"role": "assistant", "content": answer or "(empty answer)"},
+            {"role": "user", "content": f"Your answer could not be used. {problem} Answer again, concisely, "
+                                        f"with every output field. {requirements}"},
+        ]
+
+    # --- formatting --------------------------------------------------------------------------------
+    def format_field_structure(self, signature: type[Signature]) -> str:
+        if self.output_format == "markers":
+            return super().format_field_structure(signature)
+        inputs = self.format_field_with_value({
+            FieldInfoWithName(name, info): translate_field_type(name, info)
+            for name, info in signature.input_fields.items()
+        })
+        outputs = json.dumps({name: translate_field_type(name, info) for name, info in signature.output_fields.items()},
+                             indent=2, ensure_ascii=False)
+        return (
+            "All interactions will be structured in the following way, with the appropriate values filled in.\n\n"
+            f"Inputs will have the following structure:\n\n{inputs}\n\n"
+            f"Outputs will be a JSON object with the following fields.\n\n{outputs}"
+        )
+
+    def user_message_output_requirements(self, signature: type[Signature]) -> str:
+        if self.output_format == "markers":
+            return super().user_message_output_requirements(signature)
+
+        def type_info(info: Any) -> str:
+            if info.annotation == ToolCalls:
+                return ' (must be a JSON object like {"tool_calls": [{"name": "...", "args": {...}}]})'
+            if info.annotation is str:
+                return ""
+            return f" (must be formatted as a valid Python {get_annotation_name(info.annotation)})"
+
+        order = ", then ".join(f"`{name}`{type_info(info)}" for name, info in signature.output_fields.items())
+        return f"Respond with a JSON object in the following order of fields: {order}."
+
+    def format_assistant_message_content(self, signature: type[Signature], outputs: dict[str, Any],
+                                         missing_field_message: str | None = None) -> str:
+        if self.output_format == "markers":
+            return super().format_assistant_message_content(signature, outputs, missing_field_message)
+        values = {name: outputs.get(name, missing_field_message) for name in signature.output_fields}
+        return json.dumps(serialize_for_json(values), indent=2, ensure_ascii=False)
+
+    # --- parsing -----------------------------------------------------------------------------------
+    def parse(self, signature: type[Signature], completion: str) -> dict[str, Any]:
+        return parsing.parse_completion(signature, completion)
