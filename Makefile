@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip --disable-pip-version-check --progress-bar off
+PIP := $(BIN)/python -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_PROGRESS_BAR := off
 TEST_MODELS := gemma3-270m qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct
 
 .PHONY: install install-test demo test lint models clean
