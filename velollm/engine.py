@@ -169,6 +169,12 @@ class LoadOptions(BaseModel):
     n_batch: int = Field(default=512, ge=1)
     flash_attn: bool = False
     chat_format: str | None = None
+    # speculative decoding (velollm.speculative; the llama.cpp backend): a drafter makes "auto" the default
+    speculative: Literal["auto", "draft", "lookup", "off"] | None = None
+    draft_model: str | None = None  # a model reference (path, catalogue name, hf:) of the same family
+    prompt_lookup: bool = False
+    n_draft: int | None = Field(default=None, ge=1, le=32)  # most tokens per draft; the exact number when forced
+    draft_p_min: float = Field(default=0.5, ge=0.0, le=1.0)  # the draft stops when its top probability is lower
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -108,7 +108,8 @@ def availability(kind: str, registry: GgmlRegistry) -> tuple[bool, str]:
     label = {"cuda": "CUDA", "vulkan": "Vulkan", "metal": "Metal", "cpu": "CPU"}.get(kind, kind)
     if not registry.has_backend(kind):
         hint = BUILD_HINTS.get(kind, "")
-        return False, f"this llama-cpp-python build has no {label} backend" + (f"; rebuild with: {hint}" if hint else "")
+        rebuild = f"; rebuild with: {hint}" if hint else ""
+        return False, f"this llama-cpp-python build has no {label} backend{rebuild}"
     devices = registry.devices_of(kind)
     if not devices:
         return False, f"{label} backend is compiled in but no {label} device was found"

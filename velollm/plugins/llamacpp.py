@@ -75,6 +75,17 @@ class LlamaCppBackend:
     def available(self, probe: HardwareProbe) -> tuple[bool, str]:
         return availability(self.kind, registry_from_probe(probe))
 
+    def devices(self, probe: HardwareProbe) -> list[Any]:
+        """The ggml devices placement may offload layers to (see :mod:`velollm.pool.placement`)."""
+        from velollm.pool.placement import Device
+
+        if self.kind == "cpu":
+            return []
+        apple = self.kind == "metal" and probe.cpu.arch != "x86_64"  # Apple Silicon: the GPU shares RAM
+        return [Device(id=d.name, name=d.description or d.name, total_bytes=d.total_bytes, free_bytes=d.free_bytes,
+                       unified_memory=apple or d.type == "igpu")
+                for d in registry_from_probe(probe).devices_of(self.kind)]
+
     def load(self, model_file: Path, options: LoadOptions) -> LlamaCppEngine:
         info = gguf_info.inspect(model_file)
         gguf_info.validate_for(info, self.name, self.architectures)
@@ -106,12 +117,14 @@ class LlamaCppEngine:
         self.backend = backend
         self.model_path = info.path
         self.capabilities = Capabilities(chat=True, streaming=True, grammar=True, json_schema=True, tokenize=True)
+        self.capabilities.embeddings = bool(options.extra.get("embedding"))
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
         self._vocab = llama._model.vocab
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
+        self._speculator: Any = None  # velollm.speculative.Speculator when speculative decoding is configured
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
         probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
         self.template = ChatTemplate.for_model(
@@ -126,6 +139,9 @@ class LlamaCppEngine:
         kwargs: dict[str, Any] = dict(
             n_ctx=options.n_ctx or min(info.context_length or 4096, 4096),
             n_threads=options.n_threads or _default_threads(),
+            # llama-cpp-python defaults prompt threads to cpu_count(), ignoring n_threads (llama.cpp
+            # itself uses n_threads): on a busy 2-core machine that made prefill ~6x slower
+            n_threads_batch=options.n_threads or _default_threads(),
             n_gpu_layers=options.n_gpu_layers if offload else 0,
             use_mmap=options.use_mmap,
             use_mlock=options.use_mlock,
@@ -136,7 +152,15 @@ class LlamaCppEngine:
         )
         if options.seed is not None:
             kwargs["seed"] = options.seed
+        if options.speculative is not None or options.draft_model or options.prompt_lookup:
+            from velollm import speculative
+
+            speculative.plan(options)  # bad speculative options fail before the model loads
         kwargs.update(options.extra)
+        if kwargs.get("embedding"):  # pooling and batch sizes for embeddings: velollm.plugins.llamacpp_embed
+            from velollm.plugins import llamacpp_embed
+
+            kwargs = llamacpp_embed.load_kwargs(info, kwargs)
         try:
             with llamacpp_log.capture() as log:
                 llama = Llama(model_path=str(info.path), **kwargs)
@@ -146,7 +170,43 @@ class LlamaCppEngine:
                 f"llama.cpp could not load {info.path.name} ({info.architecture}, {info.file_type}, "
                 f"{info.file_size:,} bytes) with {backend}: {reason}"
             ) from None
-        return cls(llama, info, options, backend)
+        engine = cls(llama, info, options, backend)
+        if options.speculative is not None or options.draft_model or options.prompt_lookup:
+            engine._attach_speculator()
+        return engine
+
+    def _attach_speculator(self) -> None:
+        """Speculative decoding (:mod:`velollm.speculative`); a draft model loads on this engine's backend."""
+        from velollm import models, speculative
+
+        opts = self.options
+        draft_options = LoadOptions(n_ctx=self.context_length, n_threads=self._llama.n_threads,
+                                    n_gpu_layers=opts.n_gpu_layers, use_mmap=opts.use_mmap, use_mlock=opts.use_mlock,
+                                    n_batch=opts.n_batch, flash_attn=opts.flash_attn)
+        backend = LlamaCppBackend(self.backend.removeprefix("llamacpp-"))
+
+        def load_draft(ref: str) -> LlamaCppEngine:
+            return backend.load(models.resolve(ref).path, draft_options)
+
+        try:
+            self._speculator = speculative.attach(self._llama, self.name, opts, load_draft)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def speculation(self) -> dict[str, Any] | None:
+        """Speculative decoding's configuration and load-time measurements (None when not configured)."""
+        return self._speculator.describe() if self._speculator is not None else None
+
+    def reset_cache(self) -> None:
+        """Forget the KV cache (the draft's too), so the next prompt is evaluated from scratch (benchmarks)."""
+        with self._lock:
+            self._check_open()
+            self._llama.reset()
+            self._llama._ctx.kv_cache_clear()
+            if self._speculator is not None:
+                self._speculator.reset()
 
     # --- tokens ---------------------------------------------------------------------------
     @property
@@ -159,6 +219,10 @@ class LlamaCppEngine:
 
     def detokenize(self, tokens: list[int]) -> str:
         self._check_open()
+        n_vocab = self._llama.n_vocab()
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
+        if bad:  # llama.cpp aborts the whole process (std::out_of_range) on an unknown token id
+            raise InvalidRequest(f"token ids out of range 0..{n_vocab - 1}: {bad[:5]}")
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def token_text(self, token: int) -> str:
@@ -236,13 +300,21 @@ class LlamaCppEngine:
         if len(prompt) >= n_ctx:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}")
         grammar = self.grammar_for(request)
-        return self._run(request, prompt, grammar)
+        mode = "off"
+        if self._speculator is not None or "speculative" in request.extra:
+            from velollm.speculative import request_mode
 
-    def _run(self, request: GenerationRequest, prompt: list[int], grammar: Any) -> Iterator[Chunk]:
+            mode = request_mode(self._speculator, request)
+        return self._run(request, prompt, grammar, mode)
+
+    def _run(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: str = "off") -> Iterator[Chunk]:
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                yield from self._decode(request, prompt, grammar)
+                if mode == "off":
+                    yield from self._decode(request, prompt, grammar)
+                else:
+                    yield from self._spec_decode(request, prompt, grammar, mode)
             finally:
                 self._owner = None
 
@@ -290,6 +362,69 @@ class LlamaCppEngine:
             timings=Timings.measure(start, first, end, len(prompt), n_out),
         )
 
+    def _spec_decode(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any) -> Iterator[Chunk]:
+        """``_decode`` with tokens from the speculator, one verified group at a time; metrics in ``Timings.extra``."""
+        from velollm.speculative.speculator import ChainPicker, GreedyPicker
+
+        self._check_open()
+        start = time.perf_counter()
+        first: float | None = None
+        budget = self.context_length - len(prompt)
+        max_new = min(request.max_tokens or budget, budget)
+        llama, spec = self._llama, self._speculator
+        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        greedy = (request.temperature == 0 and grammar is None and request.repeat_penalty == 1
+                  and not request.frequency_penalty and not request.presence_penalty)
+        pick = GreedyPicker(spec.runner) if greedy else ChainPicker(spec.runner, llama._init_sampler(
+            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
+            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty, grammar=grammar,
+        ))
+        text = TokenTextStream(request.stop)
+        n_out, finish = 0, "length"
+        groups = spec.run(prompt, pick, mode, max_new, self.is_end_of_generation)
+        try:
+            for group in groups:
+                if first is None:
+                    first = time.perf_counter()
+                pieces = []
+                for token in group:
+                    if self.is_end_of_generation(token):
+                        finish = "stop"
+                        break
+                    n_out += 1
+                    pieces.append(text.feed(self._piece(token)))
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if n_out >= max_new:
+                        break
+                piece = "".join(pieces)
+                if piece:
+                    yield Chunk(text=piece)
+                if finish == "stop" or n_out >= max_new:
+                    break
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
+        finally:
+            groups.close()
+        tail = text.finish()
+        end = time.perf_counter()
+        metrics = spec.last.as_dict() if spec.last is not None else {}
+        yield Chunk(
+            text=tail,
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_out),
+            timings=Timings.measure(start, first, end, len(prompt), n_out, **metrics),
+        )
+
+    # --- embeddings -------------------------------------------------------------------------
+    def embed(self, texts: list[str], *, normalize: bool = True, truncate: bool = False) -> list[list[float]]:
+        """One vector per text; needs an engine loaded with ``extra={"embedding": True}``."""
+        from velollm.plugins import llamacpp_embed
+
+        return llamacpp_embed.embed(self, texts, normalize=normalize, truncate=truncate)
+
     # --- lifetime ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -301,6 +436,8 @@ class LlamaCppEngine:
             if not self._closed:
                 self._closed = True
                 self._grammars.clear()
+                if self._speculator is not None:
+                    self._speculator.close()
                 self._llama.close()
 
     def __repr__(self) -> str:

@@ -1,0 +1,119 @@
+"""Built-in plugin: ``velollm bench``, vanilla vs speculative decoding on this machine (:mod:`velollm.bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from velollm.hookspecs import hookimpl
+
+
+def bench(
+    main_model: Annotated[str, typer.Option("--main-model", "-m", help="Path, catalogue name or hf: reference.")],
+    draft_model: Annotated[str | None, typer.Option(help="A smaller model of the same family to draft with.")] = None,
+    mode: Annotated[str, typer.Option(help="auto (the cost model decides), draft, lookup.")] = "auto",
+    lookup: Annotated[bool, typer.Option("--lookup/--no-lookup", help="Offer prompt lookup drafting.")] = True,
+    n_draft: Annotated[int | None, typer.Option(help="Most tokens per draft (auto); exactly this many (forced).")]
+    = None,
+    n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate per run.")] = 128,
+    prompt: Annotated[list[str] | None, typer.Option("-p", "--prompt", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="JSON list, or text with '---' lines between prompts.")]
+    = None,
+    iterations: Annotated[int, typer.Option(min=1)] = 5,
+    warmup: Annotated[int, typer.Option(min=0)] = 1,
+    skip_vanilla: Annotated[bool, typer.Option(help="Run only the speculative mode.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON report here.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send prompts as raw text, not as a chat turn.")] = False,
+    temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.0,
+    seed: int = 1234,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window in tokens.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+) -> None:
+    """Vanilla vs speculative decoding, interleaved in one run: tok/s, TTFT, total, speedup ± σ, acceptance."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from velollm import bench as benchmod
+    from velollm.cli import err, out
+    from velollm.engine import LoadOptions
+    from velollm.errors import InvalidRequest
+    from velollm.loading import load_engine
+
+    if mode not in ("auto", "draft", "lookup"):
+        raise InvalidRequest(f"--mode must be auto, draft or lookup, not {mode!r}")
+    prompts = [benchmod.BenchPrompt(name=f"prompt{i + 1}", text=p) for i, p in enumerate(prompt or [])]
+    if prompts_file is not None:
+        prompts += benchmod.read_prompts(prompts_file)
+    if not prompts:
+        raise InvalidRequest("give at least one --prompt or a --prompts-file")
+    config = benchmod.BenchConfig(
+        main_model=main_model, draft_model=draft_model, mode=mode, lookup=lookup, n_draft=n_draft,
+        n_predict=n_predict, iterations=iterations, warmup=warmup, skip_vanilla=skip_vanilla, chat=not raw,
+        temperature=temperature, seed=seed, n_ctx=ctx, threads=threads, prompts=prompts,
+    )
+    options = LoadOptions(n_ctx=ctx, n_threads=threads, speculative=mode, draft_model=draft_model,
+                          prompt_lookup=lookup, n_draft=n_draft)
+    err.print(f"[dim]loading {main_model}" + (f" + draft {draft_model}" if draft_model else "")
+              + " and measuring the batch-cost table...[/dim]")
+    engine = load_engine(main_model, options=options)
+    runs = len(prompts) * (1 if skip_vanilla else 2) * (iterations + warmup)
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("bench", total=runs)
+
+            def advance(label: str) -> None:
+                bar.update(task, advance=1, description=label)
+
+            report = benchmod.run(engine, config, progress=advance)
+    finally:
+        engine.close()
+    if output is not None:
+        output.write_text(report.to_json() + "\n", encoding="utf-8")
+        err.print(f"[dim]wrote {output}[/dim]")
+    print_report(report, out)
+
+
+def print_report(report: Any, console: Any) -> None:
+    """Per-prompt tables and the overall speedup."""
+    from rich.table import Table
+
+    spec = report.speculation or {}
+    console.print(f"[bold]{report.config.main_model}[/bold] mode={report.config.mode} "
+                  f"draft={report.config.draft_model or '-'} lookup={report.config.lookup} "
+                  f"n_predict={report.config.n_predict} iterations={report.config.iterations} "
+                  f"load={report.machine.get('loadavg', '?')}")
+    if spec:
+        console.print(f"batch cost (b=1..{len(spec.get('batch_cost', []))}): {spec.get('batch_cost')}  "
+                      f"draft cost/token: {spec.get('draft_cost')}  ceilings: {spec.get('ceiling')}")
+    table = Table("prompt", "mode", "tok/s", "min", "max", "TTFT ms", "total s", "speedup", "predicted",
+                  "accept", "greedy agreement")
+    for p in report.summary.prompts:
+        rows = [("vanilla", p.vanilla)] if p.vanilla else []
+        rows.append((report.config.mode, p.speculative))
+        for name, m in rows:
+            is_spec = name != "vanilla"
+            agree = "-"
+            if is_spec and p.agreement is not None:
+                a = p.agreement
+                agree = (f"identical {a.identical}/{a.compared}" if a.identical == a.compared
+                         else f"{a.identical}/{a.compared}, first diff @{a.first_difference} ({a.agreement_rate:.0%})")
+            table.add_row(
+                p.prompt if not is_spec or not p.vanilla else "", name, str(m.tokens_per_s),
+                f"{m.tokens_per_s.min:.2f}", f"{m.tokens_per_s.max:.2f}",
+                f"{m.ttft_s.mean * 1000:.0f} ± {m.ttft_s.stddev * 1000:.0f}",
+                str(m.total_s), str(p.speedup) if is_spec and p.speedup else "",
+                f"{p.predicted_speedup:.2f}" if is_spec else "", f"{p.acceptance_rate:.0%}" if is_spec else "",
+                agree,
+            )
+    console.print(table)
+    if report.summary.speedup is not None:
+        console.print(f"[bold]speedup (mean over prompts): {report.summary.speedup}[/bold]")
+    for category, ratio in report.summary.by_category.items():
+        console.print(f"  {category}: {ratio}")
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    cli.command("bench")(bench)

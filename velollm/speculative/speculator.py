@@ -1,0 +1,409 @@
+"""Speculative decoding for one llama.cpp model: plan a draft, verify it in one batch, keep the agreed part.
+
+Every step the cost model (:mod:`velollm.speculative.costmodel`) weighs each offered drafter
+against plain decoding, using the batch-cost table measured at load and the acceptance it has
+seen. Prompt lookup's acceptance is learnt for free: every proposal it makes is checked against
+the tokens that actually follow, whether or not it was used. Verification keeps a draft token only
+if the target would have produced it at that position (greedy: its argmax; sampling: the token
+sampled from the target), so the output is the target's own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from velollm.speculative.costmodel import (
+    PLAIN,
+    AcceptanceModel,
+    Choice,
+    CostTable,
+    ceiling,
+    choose_gamma,
+    measure_batch_costs,
+    paired_ratio,
+)
+from velollm.speculative.draft import DraftModel
+from velollm.speculative.lookup import PromptLookup
+from velollm.speculative.runner import LlamaRunner
+
+Mode = Literal["auto", "draft", "lookup", "off"]
+MODES: tuple[str, ...] = ("auto", "draft", "lookup", "off")
+Source = Literal["plain", "lookup", "draft"]
+
+#: a drafter is used in "auto" only when its expected rate beats plain decoding by this factor
+MIN_GAIN = 1.05
+DEFAULT_MAX_GAMMA = 8
+#: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
+EXPLORE_AFTER = 64
+
+_FILLER = ("def measure(batch):\n    # time one evaluation of a small batch of tokens\n"
+           "    return sum(len(item) for item in batch) / max(len(batch), 1)\n") * 3
+
+
+@dataclass
+class RunStats:
+    """Per-completion speculation metrics (they end up in ``Timings.extra``)."""
+
+    mode: str
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    gamma_trace: list[list[Any]] = field(default_factory=list)  # run-length: [source, gamma, steps]
+    expected_tokens: float = 0.0
+    expected_cost: float = 0.0
+    produced: int = 0
+    table_cost: float = 0.0
+    draft_evaluated: int = 0
+
+    def record(self, source: Source, choice: Choice, drafted: int, accepted: int, table_cost: float) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.produced += accepted + 1
+        self.expected_tokens += choice.expected_tokens
+        self.expected_cost += choice.cost
+        self.table_cost += table_cost
+        if drafted:
+            counts = self.by_source.setdefault(source, {"steps": 0, "drafted": 0, "accepted": 0})
+            counts["steps"] += 1
+            counts["drafted"] += drafted
+            counts["accepted"] += accepted
+        trace = self.gamma_trace
+        if trace and trace[-1][0] == source and trace[-1][1] == drafted:
+            trace[-1][2] += 1
+        else:
+            trace.append([source, drafted, 1])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "speculative": self.mode,
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "by_source": self.by_source,
+            "gamma_trace": self.gamma_trace,
+            # tokens per single-token decode time the cost model expected when it chose each step...
+            "predicted_speedup": self.expected_tokens / self.expected_cost if self.expected_cost else 1.0,
+            # ...and what its cost table makes of the acceptance that actually happened
+            "modelled_speedup": self.produced / self.table_cost if self.table_cost else 1.0,
+            "draft_evaluated": self.draft_evaluated,
+        }
+
+
+@dataclass
+class _Pending:
+    """A lookup proposal waiting for the tokens that show how much of it the target would have kept."""
+
+    pos: int
+    tokens: list[int]
+    ngram: int
+
+
+class GreedyPicker:
+    """The target's argmax at output ``i``: exactly what greedy vanilla decoding picks."""
+
+    def __init__(self, runner: LlamaRunner) -> None:
+        self.argmax = runner.argmax
+
+    def __call__(self, i: int) -> int:
+        return self.argmax(i)
+
+
+class ChainPicker:
+    """A token sampled by the request's own llama.cpp sampler chain (penalties, grammar, temperature).
+
+    ``llama_sampler_sample`` also accepts the token into the chain, and only output tokens are
+    ever sampled, so the chain sees exactly the history vanilla decoding would show it.
+    """
+
+    def __init__(self, runner: LlamaRunner, chain: Any) -> None:
+        import llama_cpp
+
+        self._sample = llama_cpp.llama_sampler_sample
+        self._chain = chain  # keep the Python owner alive
+        self._ptr = chain.sampler
+        self._ctx = runner.ctx
+
+    def __call__(self, i: int) -> int:
+        return int(self._sample(self._ptr, self._ctx, i))
+
+
+class Speculator:
+    """Owned by one engine; runs one completion at a time (the engine's lock guarantees it)."""
+
+    def __init__(self, llama: Any, table: CostTable, *, mode: Mode, lookup: bool, draft: DraftModel | None,
+                 draft_cost: float = 0.0, max_gamma: int = DEFAULT_MAX_GAMMA, n_draft: int | None = None,
+                 max_ngram: int = 3, min_gain: float = MIN_GAIN) -> None:
+        self.runner = LlamaRunner(llama)
+        self.table = table
+        self.mode: Mode = mode
+        self.offers_lookup = lookup
+        self.draft = draft
+        self.draft_cost = draft_cost
+        self.max_gamma = max(0, min(max_gamma, table.max_batch - 1, self.runner.n_batch - 1))
+        self.n_draft = n_draft
+        self.min_gain = min_gain
+        self.lookup = PromptLookup(max_ngram=max_ngram)
+        # before evidence: a longer n-gram match is a better bet (a 1-token match is often chance)
+        self.lookup_acceptance = {n: AcceptanceModel(self.max_gamma, prior=min(0.15 + 0.1 * n, 0.5))
+                                  for n in range(1, max_ngram + 1)}
+        self.draft_acceptance = AcceptanceModel(self.max_gamma, prior=0.6)
+        self._draft_idle = 0
+        self.last: RunStats | None = None
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def build(cls, llama: Any, *, mode: Mode, lookup: bool, draft: DraftModel | None,
+              max_gamma: int = DEFAULT_MAX_GAMMA, n_draft: int | None = None, repeats: int = 3) -> Speculator:
+        """Measure the batch-cost table (and the draft's cost per token) and build the speculator."""
+        runner = LlamaRunner(llama)
+        max_batch = max(1, min(max_gamma + 1, runner.n_batch))  # n_batch 1 leaves nothing to verify with
+        table = cached_costs(runner, max_batch, repeats)
+        draft_cost = 0.0
+        if draft is not None:
+            draft_cost = cached_draft_cost(runner, draft.runner, repeats + 2)
+        return cls(llama, table, mode=mode, lookup=lookup, draft=draft, draft_cost=draft_cost,
+                   max_gamma=max_gamma, n_draft=n_draft)
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration and what was measured at load, for reports."""
+        return {
+            "mode": self.mode,
+            "lookup": self.offers_lookup,
+            "draft_model": self.draft.name if self.draft else None,
+            "max_gamma": self.max_gamma,
+            "n_draft": self.n_draft,
+            "batch_cost": self.table.ratios(),
+            "unit_ms": round(self.table.unit_s * 1000, 2),
+            "draft_cost": round(self.draft_cost, 3) if self.draft else None,
+            "ceiling": {
+                "lookup": round(ceiling(self.table, max_gamma=self.max_gamma).rate, 3) if self.max_gamma else 1.0,
+                "draft": round(ceiling(self.table, draft_cost=self.draft_cost, max_gamma=self.max_gamma).rate, 3)
+                if self.draft and self.max_gamma else None,
+            },
+            "acceptance": {
+                **{f"lookup_{n}gram": m.snapshot() for n, m in self.lookup_acceptance.items()},
+                "draft": self.draft_acceptance.snapshot(),
+            },
+        }
+
+    def reset(self) -> None:
+        """Forget the KV caches (benchmarks measure cold prompts); learnt acceptance is kept."""
+        self.runner.reset()
+        if self.draft is not None:
+            self.draft.reset()
+
+    def close(self) -> None:
+        if self.draft is not None:
+            self.draft.close()
+
+    # --- one completion ------------------------------------------------------------------------
+    def run(self, prompt: Sequence[int], pick: Callable[[int], int], mode: Mode, max_new: int,
+            is_end: Callable[[int], bool]) -> Iterator[list[int]]:
+        """Yield the completion's tokens, in groups (one group per verification step).
+
+        The caller stops consuming whenever it likes (stop sequence, end of generation); closing
+        the generator leaves the KV cache and the ``Llama``'s state consistent.
+        """
+        runner = self.runner
+        stats = self.last = RunStats(mode=mode)
+        use_lookup = mode == "lookup" or (mode == "auto" and self.offers_lookup)
+        use_draft = self.draft is not None and mode in ("auto", "draft")
+        runner.refresh()
+        seq = list(prompt)
+        lookup = self.lookup
+        lookup.reset(seq if use_lookup else ())
+        pending: list[_Pending] = []
+        n_draft_before = self.draft.runner.evaluated if self.draft is not None else 0
+        try:
+            runner.sync(seq)
+            token = pick(-1)
+            seq.append(token)
+            if use_lookup:
+                lookup.extend((token,))
+            yield [token]
+            produced = 1
+            while produced < max_new and not is_end(seq[-1]):
+                cap = min(self.max_gamma, max_new - produced - 1)
+                proposal: list[int] = []
+                ngram = 0
+                if use_lookup:
+                    proposal, ngram = lookup.propose(self.max_gamma)
+                    if proposal:
+                        pending.append(_Pending(len(seq), proposal, ngram))
+                source, choice, draft = self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
+                n_past = len(runner.kv)
+                batch = [seq[-1], *draft]
+                elapsed = runner.feed(batch, all_logits=bool(draft))
+                self.table.observe(len(batch), elapsed)
+                new: list[int] = []
+                for i in range(len(batch)):
+                    token = pick(i)
+                    new.append(token)
+                    if i == len(draft) or token != draft[i] or is_end(token):
+                        break
+                accepted = len(new) - 1
+                runner.truncate(n_past + 1 + accepted)
+                stats.record(source, choice, len(draft), accepted, self.table.relative(len(batch))
+                             + (self.draft_cost * len(draft) if source == "draft" else 0.0))
+                if source == "draft":
+                    self.draft_acceptance.observe(len(draft), accepted)
+                seq.extend(new)
+                if use_lookup:
+                    lookup.extend(new)
+                    pending = self._resolve(pending, seq)
+                produced += len(new)
+                yield new
+        finally:
+            if use_lookup:
+                self._resolve(pending, seq, final=True)
+            if self.draft is not None:
+                stats.draft_evaluated = self.draft.runner.evaluated - n_draft_before
+
+    def _plan(self, seq: list[int], cap: int, mode: Mode, proposal: list[int], ngram: int, use_lookup: bool,
+              use_draft: bool) -> tuple[Source, Choice, list[int]]:
+        """Pick the drafter and γ for this step, and draft."""
+        if cap <= 0:
+            return "plain", PLAIN, []
+        forced = mode != "auto"
+        best: tuple[Source, Choice] = ("plain", PLAIN)
+        if use_lookup and proposal:
+            limit = min(cap, len(proposal))
+            survival = self.lookup_acceptance[ngram].survival()
+            choice = self._choose(survival, 0.0, limit, forced)
+            if choice.gamma and (forced or choice.rate > best[1].rate):
+                best = ("lookup", choice)
+        if use_draft and (forced or ceiling(self.table, draft_cost=self.draft_cost,
+                                            max_gamma=min(cap, self.max_gamma)).rate >= self.min_gain):
+            choice = self._choose(self.draft_acceptance.survival(), self.draft_cost, cap, forced)
+            if choice.gamma and (choice.rate > best[1].rate or forced):
+                best = ("draft", choice)
+            self._draft_idle = 0 if best[0] == "draft" else self._draft_idle + 1
+            if self._draft_idle >= EXPLORE_AFTER:  # unobserved for long: doubt the old verdict again
+                self.draft_acceptance.forget()
+                self._draft_idle = 0
+        source, choice = best
+        if source == "lookup":
+            return source, choice, proposal[: choice.gamma]
+        if source == "draft" and self.draft is not None:
+            evaluated, start = self.draft.runner.evaluated, time.perf_counter()
+            drafted = self.draft.draft(seq, choice.gamma, self.runner.n_vocab)
+            self._observe_draft_cost(time.perf_counter() - start, self.draft.runner.evaluated - evaluated)
+            if len(drafted) != choice.gamma:  # the draft got unsure early: account for what it did draft
+                choice = self._fixed(self.draft_acceptance.survival(), self.draft_cost, len(drafted))
+            return source, choice, drafted
+        return "plain", PLAIN, []
+
+    def _observe_draft_cost(self, seconds: float, evaluated: int) -> None:
+        """Refine the draft's cost per token from real drafting (log-space EMA, steps capped at ±10 %):
+        a cost mismeasured at load on a busy machine corrects itself, and auto turns the draft off."""
+        if not 0 < evaluated <= self.max_gamma + 2:  # a catch-up over a whole prompt runs batched: not typical
+            return
+        observed = seconds / evaluated / self.table.unit_s
+        current = math.log(max(self.draft_cost, 1e-6))
+        step = max(-0.1, min(0.1, 0.2 * (math.log(observed) - current)))
+        self.draft_cost = math.exp(current + step)
+
+    def _choose(self, survival: list[float], draft_cost: float, limit: int, forced: bool) -> Choice:
+        if forced and self.n_draft:
+            return self._fixed(survival, draft_cost, min(self.n_draft, limit))
+        return choose_gamma(self.table, survival, draft_cost=draft_cost, max_gamma=limit, min_gain=self.min_gain,
+                            force=forced)
+
+    def _fixed(self, survival: list[float], draft_cost: float, gamma: int) -> Choice:
+        if gamma <= 0:
+            return PLAIN
+        tokens = 1.0 + sum(survival[:gamma])
+        cost = self.table.relative(gamma + 1) + draft_cost * gamma
+        return Choice(gamma, tokens / cost, tokens, cost)
+
+    def _resolve(self, pending: list[_Pending], seq: list[int], final: bool = False) -> list[_Pending]:
+        """Score lookup proposals whose outcome the generated tokens now show (free acceptance data)."""
+        still: list[_Pending] = []
+        size = len(seq)
+        for p in pending:
+            avail = min(len(p.tokens), size - p.pos)
+            agreed = 0
+            while agreed < avail and seq[p.pos + agreed] == p.tokens[agreed]:
+                agreed += 1
+            if agreed < avail or avail == len(p.tokens):
+                self.lookup_acceptance[p.ngram].observe(len(p.tokens), agreed)
+            elif final:
+                if avail:
+                    self.lookup_acceptance[p.ngram].observe(avail, avail)
+            else:
+                still.append(p)
+        return still
+
+
+_measured: dict[tuple[Any, ...], CostTable] = {}
+
+
+def cached_costs(runner: LlamaRunner, max_batch: int, repeats: int) -> CostTable:
+    """Measure once per model file, threads and batch size in a process (later loads reuse it)."""
+    llama = runner.llama
+    key = (str(llama.model_path), getattr(llama, "n_threads", None), runner.n_batch, max_batch)
+    table = _measured.get(key)
+    if table is None:
+        table = _measured[key] = measure_costs(runner, max_batch, repeats)
+    return CostTable(list(table.seconds))
+
+
+def cached_draft_cost(main: LlamaRunner, draft: LlamaRunner, repeats: int) -> float:
+    """The draft's cost per token in main-model tokens, timed in back-to-back pairs."""
+    key = (str(main.llama.model_path), str(draft.llama.model_path), getattr(main.llama, "n_threads", None))
+    if key not in _draft_costs:
+        _draft_costs[key] = measure_relative(main, draft, repeats)
+    return _draft_costs[key]
+
+
+_draft_costs: dict[tuple[Any, ...], float] = {}
+
+
+def _single_token_timer(runner: LlamaRunner) -> Callable[[], float]:
+    filler = runner.llama.tokenize(_FILLER.encode(), add_bos=False, special=False)
+    runner.reset()
+    runner.feed(filler[:32])
+
+    def one() -> float:
+        elapsed = runner.feed(filler[32:33])
+        runner.truncate(32)
+        return elapsed
+
+    return one
+
+
+def measure_relative(main: LlamaRunner, draft: LlamaRunner, repeats: int) -> float:
+    try:
+        main_one, draft_one = _single_token_timer(main), _single_token_timer(draft)
+        main_one(), draft_one()  # warm up
+        return paired_ratio(main_one, draft_one, repeats)
+    finally:
+        main.reset()
+        draft.reset()
+
+
+def measure_costs(runner: LlamaRunner, max_batch: int, repeats: int) -> CostTable:
+    """Time batches of 1..max_batch tokens after a short prefix, then leave the KV cache empty."""
+    filler = runner.llama.tokenize(_FILLER.encode(), add_bos=False, special=False)
+    while len(filler) < max_batch + 32:
+        filler = filler + filler
+    prefix = filler[:32]
+    runner.reset()
+    runner.feed(prefix)
+
+    def decode(b: int) -> float:
+        elapsed = runner.feed(filler[32:32 + b], all_logits=True)
+        runner.truncate(len(prefix))
+        return elapsed
+
+    try:
+        return measure_batch_costs(decode, max_batch, repeats)
+    finally:
+        runner.reset()
