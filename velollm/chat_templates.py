@@ -8,15 +8,18 @@ A model without a template (Gemma 270M base) gets the format of its family, neve
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from velollm.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from velollm.engine import GenerationRequest
 
 CHATML = (
     "{% for message in messages %}"
@@ -124,3 +127,18 @@ class ChatTemplate:
                                          bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except TemplateError as exc:
             raise InvalidRequest(f"chat template {self.name!r} rejected the messages: {exc}") from None
+
+    def prompt_tokens(self, request: GenerationRequest, tokenize: Callable[..., list[int]]) -> list[int]:
+        """The request's prompt as token ids, built the same way by every local backend.
+
+        A template that writes BOS itself must not get a second one from the tokenizer.
+        """
+        if request.messages is not None:
+            text = self.render([m.model_dump() for m in request.messages])
+        else:
+            text = request.prompt or ""
+        add_special = not (request.messages is not None and self.bos_token and text.startswith(self.bos_token))
+        tokens = tokenize(text, add_special=add_special, parse_special=True)
+        if not tokens:
+            raise InvalidRequest("the prompt is empty")
+        return tokens

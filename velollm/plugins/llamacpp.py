@@ -252,17 +252,7 @@ class LlamaCppEngine:
 
     # --- prompts and grammars ---------------------------------------------------------------
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            text = self.template.render([m.model_dump() for m in request.messages])
-        else:
-            text = request.prompt or ""
-        # a template that writes BOS itself must not get a second one from the tokenizer
-        bos_text = self.template.bos_token
-        add_special = not (request.messages is not None and bos_text and text.startswith(bos_text))
-        tokens = self.tokenize(text, add_special=add_special, parse_special=True)
-        if not tokens:
-            raise InvalidRequest("the prompt is empty")
-        return tokens
+        return self.template.prompt_tokens(request, self.tokenize)
 
     def grammar_for(self, request: GenerationRequest) -> Any:
         if request.json_schema is not None:
@@ -311,78 +301,51 @@ class LlamaCppEngine:
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                if mode == "off":
-                    yield from self._decode(request, prompt, grammar)
-                else:
-                    yield from self._spec_decode(request, prompt, grammar, mode)
+                yield from self._decode(request, prompt, grammar, mode)
             finally:
                 self._owner = None
 
-    def _decode(self, request: GenerationRequest, prompt: list[int], grammar: Any) -> Iterator[Chunk]:
-        self._check_open()
-        start = time.perf_counter()
-        first: float | None = None
-        budget = self.context_length - len(prompt)
-        max_new = min(request.max_tokens or budget, budget)
-        llama = self._llama
-        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
-        text = TokenTextStream(request.stop)
-        n_out, finish = 0, "length"
-        tokens = llama.generate(
+    def _vanilla_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any) -> Iterator[list[int]]:
+        """llama-cpp-python's own decode loop, one token per group."""
+        tokens = self._llama.generate(
             prompt, top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
             repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty, grammar=grammar,
         )
         try:
             for token in tokens:
-                if first is None:
-                    first = time.perf_counter()
-                if self.is_end_of_generation(token):
-                    finish = "stop"
-                    break
-                n_out += 1
-                piece = text.feed(self._piece(token))
-                if piece:
-                    yield Chunk(text=piece)
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if n_out >= max_new:
-                    break
-        except (RuntimeError, ValueError, OSError) as exc:  # llama_decode failures surface as these
-            raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
+                yield [token]
         finally:
             tokens.close()
-        tail = text.finish()
-        end = time.perf_counter()
-        yield Chunk(
-            text=tail,
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_out),
-            timings=Timings.measure(start, first, end, len(prompt), n_out),
-        )
 
-    def _spec_decode(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any) -> Iterator[Chunk]:
-        """``_decode`` with tokens from the speculator, one verified group at a time; metrics in ``Timings.extra``."""
+    def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any,
+                            max_new: int) -> Iterator[list[int]]:
+        """Verified groups from the speculator (:mod:`velollm.speculative`)."""
         from velollm.speculative.speculator import ChainPicker, GreedyPicker
 
+        spec = self._speculator
+        greedy = (request.temperature == 0 and grammar is None and request.repeat_penalty == 1
+                  and not request.frequency_penalty and not request.presence_penalty)
+        pick = GreedyPicker(spec.runner) if greedy else ChainPicker(spec.runner, self._llama._init_sampler(
+            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
+            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty, grammar=grammar,
+        ))
+        return spec.run(prompt, pick, mode, max_new, self.is_end_of_generation)
+
+    def _decode(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any) -> Iterator[Chunk]:
+        """Tokens to text chunks (stops, end of generation, max_tokens); speculation metrics in ``Timings.extra``."""
         self._check_open()
         start = time.perf_counter()
         first: float | None = None
         budget = self.context_length - len(prompt)
         max_new = min(request.max_tokens or budget, budget)
-        llama, spec = self._llama, self._speculator
-        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
-        greedy = (request.temperature == 0 and grammar is None and request.repeat_penalty == 1
-                  and not request.frequency_penalty and not request.presence_penalty)
-        pick = GreedyPicker(spec.runner) if greedy else ChainPicker(spec.runner, llama._init_sampler(
-            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
-            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty, grammar=grammar,
-        ))
+        self._llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        speculating = mode != "off"
+        groups = (self._speculative_groups(request, prompt, grammar, mode, max_new) if speculating
+                  else self._vanilla_groups(request, prompt, grammar))
         text = TokenTextStream(request.stop)
         n_out, finish = 0, "length"
-        groups = spec.run(prompt, pick, mode, max_new, self.is_end_of_generation)
         try:
             for group in groups:
                 if first is None:
@@ -404,18 +367,18 @@ class LlamaCppEngine:
                     yield Chunk(text=piece)
                 if finish == "stop" or n_out >= max_new:
                     break
-        except (RuntimeError, ValueError, OSError) as exc:
+        except (RuntimeError, ValueError, OSError) as exc:  # llama_decode failures surface as these
             raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
         finally:
             groups.close()
         tail = text.finish()
         end = time.perf_counter()
-        metrics = spec.last.as_dict() if spec.last is not None else {}
+        last = self._speculator.last if speculating else None
         yield Chunk(
             text=tail,
             finish_reason=finish,
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_out),
-            timings=Timings.measure(start, first, end, len(prompt), n_out, **metrics),
+            timings=Timings.measure(start, first, end, len(prompt), n_out, **(last.as_dict() if last else {})),
         )
 
     # --- embeddings -------------------------------------------------------------------------

@@ -182,16 +182,7 @@ class NativeEngine:
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         """The request as token ids, built exactly as the llama.cpp engine builds it."""
-        if request.messages is not None:
-            text = self.template.render([m.model_dump() for m in request.messages])
-        else:
-            text = request.prompt or ""
-        bos_text = self.template.bos_token
-        add_special = not (request.messages is not None and bos_text and text.startswith(bos_text))
-        tokens = self.tokenize(text, add_special=add_special, parse_special=True)
-        if not tokens:
-            raise InvalidRequest("the prompt is empty")
-        return tokens
+        return self.template.prompt_tokens(request, self.tokenize)
 
     # --- research API -------------------------------------------------------------------------
     def logits(self, tokens: list[int], *, all_positions: bool = False,
