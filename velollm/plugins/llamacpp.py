@@ -64,6 +64,12 @@ def registry_from_probe(probe: HardwareProbe) -> GgmlRegistry:
     return GgmlRegistry.model_validate(data) if data is not None else read_registry()
 
 
+def _is_greedy(request: GenerationRequest) -> bool:
+    """Plain argmax decoding: no temperature and no penalties that depend on history."""
+    return (request.temperature == 0 and request.repeat_penalty == 1
+            and not request.frequency_penalty and not request.presence_penalty)
+
+
 class LlamaCppBackend:
     """One ggml device kind of llama.cpp."""
 
@@ -125,6 +131,7 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
         self._speculator: Any = None  # velollm.speculative.Speculator when speculative decoding is configured
+        self._runner: Any = None  # velollm.speculative.runner.LlamaRunner, made on first constrained greedy request
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
         probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
         self.template = ChatTemplate.for_model(
@@ -318,19 +325,30 @@ class LlamaCppEngine:
         finally:
             tokens.close()
 
+    def _greedy_grammar_groups(self, grammar: Any, prompt: list[int], max_new: int) -> Iterator[list[int]]:
+        """Constrained greedy decoding that asks the grammar about the argmax only (:mod:`llamacpp_grammar`)."""
+        from velollm.plugins.llamacpp_grammar import greedy_grammar_tokens
+        from velollm.speculative.runner import LlamaRunner
+
+        if self._runner is None:
+            self._runner = LlamaRunner(self._llama)
+        return greedy_grammar_tokens(self._runner, self._vocab, grammar._grammar, prompt, max_new,
+                                     self.is_end_of_generation)
+
     def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any,
                             max_new: int) -> Iterator[list[int]]:
         """Verified groups from the speculator (:mod:`velollm.speculative`)."""
         from velollm.speculative.speculator import ChainPicker, GreedyPicker
 
         spec = self._speculator
-        greedy = (request.temperature == 0 and grammar is None and request.repeat_penalty == 1
-                  and not request.frequency_penalty and not request.presence_penalty)
-        pick = GreedyPicker(spec.runner) if greedy else ChainPicker(spec.runner, self._llama._init_sampler(
-            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
-            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty, grammar=grammar,
-        ))
+        if grammar is None and _is_greedy(request):
+            pick: Any = GreedyPicker(spec.runner)
+        else:
+            pick = ChainPicker(spec.runner, self._llama._init_sampler(
+                top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
+                repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty, grammar=grammar,
+            ))
         return spec.run(prompt, pick, mode, max_new, self.is_end_of_generation)
 
     def _decode(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any) -> Iterator[Chunk]:
@@ -342,8 +360,12 @@ class LlamaCppEngine:
         max_new = min(request.max_tokens or budget, budget)
         self._llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
         speculating = mode != "off"
-        groups = (self._speculative_groups(request, prompt, grammar, mode, max_new) if speculating
-                  else self._vanilla_groups(request, prompt, grammar))
+        if speculating:
+            groups = self._speculative_groups(request, prompt, grammar, mode, max_new)
+        elif grammar is not None and _is_greedy(request) and request.extra.get("grammar_check") != "full":
+            groups = self._greedy_grammar_groups(grammar, prompt, max_new)
+        else:
+            groups = self._vanilla_groups(request, prompt, grammar)
         text = TokenTextStream(request.stop)
         n_out, finish = 0, "length"
         try:
