@@ -21,6 +21,7 @@ from velollm.pool.placement import (
     MemoryNeeds,
     PlacementOptions,
     estimate_needs,
+    fmt_bytes,
     place,
 )
 
@@ -300,3 +301,26 @@ def test_place_cli_prints_the_plan_and_reasons(capsys: pytest.CaptureFixture[str
     assert any(line.startswith("n_gpu_layers: ") for line in data["explain"])
     assert main(["place", "no-such-model"]) == 1
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_a_speculative_draft_model_is_counted_beside_the_main_model(qwen15_path: Path, qwen_path: Path,
+                                                                    backends: dict[str, Any]) -> None:
+    from velollm.engine import LoadOptions
+    from velollm.loading import draft_bytes, prepare
+
+    options = LoadOptions(draft_model=str(qwen_path))
+    for n_ctx in (2048, 16384):  # the draft's memory at the main model's context, as the estimate has it
+        assert draft_bytes(options, n_ctx) == pytest.approx(
+            estimate_needs(inspect(qwen_path), n_ctx, PlacementOptions()).total_bytes, rel=1e-6)
+    # 3 GiB free: alone, the 1.5B model gets its 16k context; with the draft beside it, less
+    probe = machine(ram_total=4 * GiB, ram_free=3 * GiB, cores=4)
+    alone = prepare(qwen15_path, options=LoadOptions(n_ctx=16384), probe=probe).plan
+    paired = prepare(qwen15_path, options=LoadOptions(n_ctx=16384, draft_model=str(qwen_path)), probe=probe).plan
+    assert alone.n_ctx == 16384 and paired.n_ctx == 8192
+    assert paired.ram_bytes + 512 * MiB <= 3 * GiB  # the pair fits in what the probe says is free, minus the reserve
+    assert decision(paired, "draft_model").value == fmt_bytes(draft_bytes(options, 8192))
+    # the pool's memory budget sees both models
+    roomy = machine(ram_total=64 * GiB, ram_free=60 * GiB, cores=4)
+    single = prepare(qwen15_path, options=LoadOptions(n_ctx=4096), probe=roomy).plan
+    both = prepare(qwen15_path, options=LoadOptions(n_ctx=4096, draft_model=str(qwen_path)), probe=roomy).plan
+    assert both.memory_bytes - single.memory_bytes == draft_bytes(options, 4096)

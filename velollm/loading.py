@@ -21,6 +21,7 @@ from velollm.pool.placement import (
     PlacementOptions,
     Plan,
     availability,
+    estimate_needs,
     place,
     rank_backends,
 )
@@ -75,6 +76,9 @@ def prepare(ref: str | Path, *, backend: str | None = None, options: LoadOptions
     backend = backend or resolved.backend
     probe = probe or hardware.probe()
     backends = host.backends()
+    if options is not None and options.draft_model and "companion" not in placement:
+        # a speculative draft loads beside the model with its context: placement counts both
+        placement["companion"] = gguf_info.inspect(models.resolve(str(options.draft_model)).path)
     opts = PlacementOptions.from_load_options(options, backend, **placement)
     try:
         info: ModelInfo | None = gguf_info.inspect(resolved.path)
@@ -94,6 +98,15 @@ def prepare(ref: str | Path, *, backend: str | None = None, options: LoadOptions
         return Prepared(resolved, None, plan, options or LoadOptions())
     plan = place(info, probe, opts, backends)
     return Prepared(resolved, info, plan, plan.load_options(options))
+
+
+def draft_bytes(options: LoadOptions, n_ctx: int) -> int:
+    """Memory the speculative draft model of ``options`` takes beside the main model at ``n_ctx``."""
+    from velollm import gguf_info, models
+
+    info = gguf_info.inspect(models.resolve(str(options.draft_model)).path)
+    return estimate_needs(info, n_ctx, PlacementOptions(n_batch=options.n_batch, flash_attn=options.flash_attn)
+                          ).total_bytes
 
 
 def load_engine(ref: str | Path, *, backend: str | None = None, options: LoadOptions | None = None,

@@ -38,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from velollm.engine import LoadOptions
 from velollm.errors import BackendNotFound, BackendUnavailable, InsufficientMemory
+from velollm.gguf_info import ModelInfo
 
 if TYPE_CHECKING:
     from velollm.engine import Backend
-    from velollm.gguf_info import ModelInfo
     from velollm.hardware import HardwareProbe
 
 MiB = 1 << 20
@@ -119,6 +119,14 @@ class PlacementOptions(BaseModel):
     cap_ctx: bool = True  # shrink n_ctx rather than fail when memory is short
     gpu_margin_bytes: int = Field(default=512 * MiB, ge=0)  # driver context, fragmentation
     ram_margin_bytes: int | None = Field(default=None, ge=0)  # default: max(512 MiB, 10% of RAM)
+    # a model loaded beside this one with the same context (a speculative draft), counted in RAM so
+    # the fit and the pool's budget see both (on a GPU the draft follows the main model's offload,
+    # so this over-counts RAM there)
+    companion: ModelInfo | None = None
+
+    def companion_at(self, n_ctx: int) -> int:
+        """The companion model's memory with an ``n_ctx``-token context (0 without one)."""
+        return estimate_needs(self.companion, n_ctx, self).total_bytes if self.companion is not None else 0
 
     @classmethod
     def from_load_options(cls, options: LoadOptions | None, backend: str | None = None,
@@ -461,7 +469,8 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
             return Plan(model=model, backend=name, n_ctx=wanted, n_gpu_layers=0, n_threads=threads.value,
                         use_mmap=True, use_mlock=False, block_count=info.block_count, accounted=False,
                         decisions=decisions + [threads])
-        attempt = _fit(needs, ctx, devices, ram_budget, options)
+        budget = None if ram_budget is None else max(ram_budget - options.companion_at(ctx), 0)
+        attempt = _fit(needs, ctx, devices, budget, options)
         first_try = first_try or attempt
         if attempt.fits:
             fit = attempt
@@ -506,11 +515,18 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
                       free_bytes=d.free_bytes, unified_memory=d.unified_memory)
             for j, d in enumerate(devices) if fit.device_bytes[j] > 0]
     n_gpu_layers = fit.gpu_layers + (1 if fit.output_on_gpu else 0)
-    return Plan(model=model, backend=name, n_ctx=fit.n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads.value,
+    companion = options.companion_at(fit.n_ctx)
+    plan = Plan(model=model, backend=name, n_ctx=fit.n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads.value,
                 use_mmap=use_mmap, use_mlock=decisions[-3].value, block_count=n, gpu_layers=fit.gpu_layers,
-                output_on_gpu=fit.output_on_gpu, devices=uses, ram_bytes=fit.ram_bytes,
+                output_on_gpu=fit.output_on_gpu, devices=uses, ram_bytes=fit.ram_bytes + companion,
                 weights_bytes=needs.weights_bytes, kv_bytes=needs.kv_bytes, compute_bytes=needs.compute_bytes,
                 decisions=decisions)
+    if companion:
+        plan.decisions.append(Decision(
+            topic="draft_model", value=fmt_bytes(companion),
+            reason="a speculative draft model loads beside it with the same context: its weights, KV cache and "
+                   "compute are counted in RAM on top of the memory above, and fitted with it"))
+    return plan
 
 
 def _offload_decision(name: str, fit: _Fit, devices: Sequence[Device], probe: HardwareProbe,
