@@ -299,6 +299,12 @@ def test_place_cli_prints_the_plan_and_reasons(capsys: pytest.CaptureFixture[str
     data = json.loads(capsys.readouterr().out)
     assert data["plan"]["n_ctx"] == 8192 and data["load_options"]["n_ctx"] == 8192
     assert any(line.startswith("n_gpu_layers: ") for line in data["explain"])
+    assert main(["place", "qwen2.5-coder-1.5b-instruct", "--ctx", "8192", "--json",
+                 "--draft-model", "qwen2.5-coder-0.5b-instruct"]) == 0
+    paired = json.loads(capsys.readouterr().out)
+    assert any(line.startswith("draft_model: ") for line in paired["explain"])
+    assert paired["plan"]["ram_bytes"] > data["plan"]["ram_bytes"]
+    assert paired["load_options"]["draft_model"] == "qwen2.5-coder-0.5b-instruct"
     assert main(["place", "no-such-model"]) == 1
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
 

@@ -203,6 +203,8 @@ def place(
     gpu_layers: Annotated[int | None, typer.Option("--gpu-layers", help="Force n_gpu_layers (-1: all).")] = None,
     kv_cache_type: Annotated[str, typer.Option("--kv-cache-type", help="KV cache type to plan for: f16, q8_0, "
                                                "q4_0... (the estimate; backends load f16 unless told)")] = "f16",
+    draft_model: Annotated[str | None, typer.Option("--draft-model", help="A speculative draft model loaded "
+                                                    "beside it (counted in the plan).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """How MODEL would be loaded here (backend, GPU layers, threads, context) and why; loads nothing."""
@@ -210,7 +212,8 @@ def place(
     from velollm.loading import prepare
     from velollm.pool.placement import fmt_bytes
 
-    fields = {k: v for k, v in {"n_ctx": ctx, "n_gpu_layers": gpu_layers}.items() if v is not None}
+    fields = {k: v for k, v in {"n_ctx": ctx, "n_gpu_layers": gpu_layers, "draft_model": draft_model}.items()
+              if v is not None}
     prepared = prepare(model, backend=backend, options=LoadOptions(**fields), kv_cache_type=kv_cache_type)
     plan = prepared.plan
     if as_json:
