@@ -325,15 +325,21 @@ class LlamaCppEngine:
         finally:
             tokens.close()
 
-    def _greedy_grammar_groups(self, grammar: Any, prompt: list[int], max_new: int) -> Iterator[list[int]]:
-        """Constrained greedy decoding that asks the grammar about the argmax only (:mod:`llamacpp_grammar`)."""
-        from velollm.plugins.llamacpp_grammar import greedy_grammar_tokens
+    def _grammar_groups(self, request: GenerationRequest, grammar: Any, prompt: list[int],
+                        max_new: int) -> Iterator[list[int]]:
+        """Constrained decoding that asks the grammar about the chosen token only (:mod:`llamacpp_grammar`)."""
+        from velollm.plugins.llamacpp_grammar import grammar_tokens
         from velollm.speculative.runner import LlamaRunner
 
         if self._runner is None:
             self._runner = LlamaRunner(self._llama)
-        return greedy_grammar_tokens(self._runner, self._vocab, grammar._grammar, prompt, max_new,
-                                     self.is_end_of_generation)
+        chain = None if _is_greedy(request) else self._llama._init_sampler(
+            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
+            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty, grammar=None,
+        )
+        return grammar_tokens(self._runner, self._vocab, grammar._grammar, prompt, max_new,
+                              self.is_end_of_generation, chain)
 
     def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any,
                             max_new: int) -> Iterator[list[int]]:
@@ -362,8 +368,8 @@ class LlamaCppEngine:
         speculating = mode != "off"
         if speculating:
             groups = self._speculative_groups(request, prompt, grammar, mode, max_new)
-        elif grammar is not None and _is_greedy(request) and request.extra.get("grammar_check") != "full":
-            groups = self._greedy_grammar_groups(grammar, prompt, max_new)
+        elif grammar is not None and request.extra.get("grammar_check") != "full":
+            groups = self._grammar_groups(request, grammar, prompt, max_new)
         else:
             groups = self._vanilla_groups(request, prompt, grammar)
         text = TokenTextStream(request.stop)
