@@ -27,7 +27,7 @@ from velollm import bench
 from velollm.engine import GenerationRequest, LoadOptions
 from velollm.models import resolve
 from velollm.plugins.llamacpp import LlamaCppBackend, _default_threads
-from velollm.speculative.runner import LlamaRunner
+from velollm.plugins.llamacpp_runner import LlamaRunner
 
 INVOICE = '''import logging
 

@@ -131,7 +131,7 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
         self._speculator: Any = None  # velollm.speculative.Speculator when speculative decoding is configured
-        self._runner: Any = None  # velollm.speculative.runner.LlamaRunner, made on first constrained greedy request
+        self._runner: Any = None  # velollm.plugins.llamacpp_runner.LlamaRunner, made on the first constrained request
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
         probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
         self.template = ChatTemplate.for_model(
@@ -329,7 +329,7 @@ class LlamaCppEngine:
                         max_new: int) -> Iterator[list[int]]:
         """Constrained decoding that asks the grammar about the chosen token only (:mod:`llamacpp_grammar`)."""
         from velollm.plugins.llamacpp_grammar import grammar_tokens
-        from velollm.speculative.runner import LlamaRunner
+        from velollm.plugins.llamacpp_runner import LlamaRunner
 
         if self._runner is None:
             self._runner = LlamaRunner(self._llama)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from velollm.plugins.llamacpp_runner import LlamaRunner
 from velollm.speculative.costmodel import (
     PLAIN,
     AcceptanceModel,
@@ -28,7 +29,6 @@ from velollm.speculative.costmodel import (
 )
 from velollm.speculative.draft import DraftModel
 from velollm.speculative.lookup import PromptLookup
-from velollm.speculative.runner import LlamaRunner
 
 Mode = Literal["auto", "draft", "lookup", "off"]
 MODES: tuple[str, ...] = ("auto", "draft", "lookup", "off")
