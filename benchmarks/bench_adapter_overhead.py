@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, constrained: bool) -> dict[str, Any]:
 
 
 def _messages(adapter: Any, program: Any, question: str, fmt: str) -> list[dict[str, str]]:
-    from velollm.adapters.dspy_adapter import _FORMAT
+    from velollm.adapters.dspy.adapter import _FORMAT
 
     token = _FORMAT.set(fmt)
     try:

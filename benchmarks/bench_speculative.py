@@ -4,7 +4,7 @@
         [--draft qwen2.5-coder-0.5b-instruct] [--iterations 3] [--n-predict 192] [--output spec.json]
 
 1. ``auto`` (prompt lookup and the draft model both offered; the cost model decides) against
-   vanilla, interleaved on one engine (``velollm.bench.run``): tok/s mean ± sd, speedup ± σ,
+   vanilla, interleaved on one engine (``velollm.plugins.llamacpp.bench.run``): tok/s mean ± sd, speedup ± σ,
    acceptance, the cost model's prediction, greedy agreement. Targets on a 2-core CPU:
    >= 1.25x on code edits, >= 0.97x on prose.
 2. Forced ``lookup`` and ``draft`` modes: their greedy output against vanilla's.
@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from velollm import bench
 from velollm.engine import GenerationRequest, LoadOptions
 from velollm.models import resolve
-from velollm.plugins.llamacpp import LlamaCppBackend, _default_threads
-from velollm.plugins.llamacpp_runner import LlamaRunner
+from velollm.plugins.llamacpp import LlamaCppBackend, _default_threads, bench
+from velollm.plugins.llamacpp.runner import LlamaRunner
 
 INVOICE = '''import logging
 

@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 import velollm
-from velollm.adapters.schema import SchemaUnavailable, output_schema, response_format
+from velollm.adapters.dspy.schema import SchemaUnavailable, output_schema, response_format
 
 
 class Item(pydantic.BaseModel):

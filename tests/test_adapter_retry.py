@@ -13,9 +13,9 @@ from dspy.utils.exceptions import AdapterParseError, LMServerError, LMUnsupporte
 from dspy_support import GEMMA, counting, lm
 
 import velollm
-from velollm.adapters.lm15_convert import to_lm15_error
-from velollm.adapters.parsing import ParseFailure
-from velollm.adapters.retry import RetryPolicy, is_transient, should_retry
+from velollm.adapters.dspy.lm15 import to_lm15_error
+from velollm.adapters.dspy.parsing import ParseFailure
+from velollm.adapters.dspy.retry import RetryPolicy, is_transient, should_retry
 from velollm.errors import GenerationError, InvalidRequest, ModelNotFound, QueueFull
 from velollm.pool import get_pool, set_pool
 
@@ -111,7 +111,7 @@ def test_retry_classification() -> None:
     assert is_transient(wrapped(GenerationError("decode failed"))) and is_transient(wrapped(QueueFull("busy")))
     assert not is_transient(wrapped(ModelNotFound("gone"))) and not is_transient(wrapped(InvalidRequest("bad")))
     assert is_transient(LMServerError("5xx from somewhere else"))
-    assert should_retry(ParseFailure(TwoFields, "", velollm.adapters.parsing.ParseReport(), "empty"))
+    assert should_retry(ParseFailure(TwoFields, "", velollm.adapters.dspy.parsing.ParseReport(), "empty"))
     assert not should_retry(ValueError("a bug"))
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)

@@ -11,11 +11,11 @@ from dspy.streaming import StreamListener, StreamResponse
 from dspy_support import lm
 
 import velollm
-from velollm.adapters import streaming
+from velollm.adapters.dspy import listeners as streaming
 
 
 def test_dspy_listener_contract() -> None:
-    """Pins the DSPy internals velollm.adapters.streaming relies on. If this fails, DSPy changed how
+    """Pins the DSPy internals velollm.adapters.dspy.listeners relies on. If this fails, DSPy changed how
     listeners choose their markers: revisit ``adapt_listeners`` (maybe it is no longer needed)."""
     listener = StreamListener("answer")
     table = listener.adapter_identifiers

@@ -1,4 +1,4 @@
-"""``velollm.bench``: statistics on known samples, summaries, prompt files, and the JSON report of
+"""``velollm.plugins.llamacpp.bench``: statistics on known samples, summaries, prompt files, and the JSON report of
 ``velollm bench --output`` from a real (small) run."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from velollm.bench import (
+from velollm.errors import InvalidRequest
+from velollm.plugins.llamacpp.bench import (
     SCHEMA,
     BenchConfig,
     BenchPrompt,
@@ -25,7 +26,6 @@ from velollm.bench import (
     speedup,
     summarize,
 )
-from velollm.errors import InvalidRequest
 
 
 def test_stats_of_known_samples() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from velollm import gguf_info
 from velollm.chat_templates import BUILTIN_TEMPLATES, ChatTemplate, fallback_format
 from velollm.errors import InvalidRequest
+from velollm.gguf import info as gguf_info
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

@@ -13,7 +13,7 @@ from dspy.utils.exceptions import ContextWindowExceededError, LMUnsupportedModel
 from dspy_support import N_CTX, N_THREADS, QWEN, lm
 
 import velollm
-from velollm.adapters.lm15_convert import to_generation_request, velollm_cause
+from velollm.adapters.dspy.lm15 import to_generation_request, velollm_cause
 from velollm.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,8 @@ import velollm
 from velollm.embeddings import embed, load_options
 from velollm.engine import Engine, LoadOptions
 from velollm.errors import ContextOverflow, InvalidRequest, ModelNotFound, UnsupportedFeature
-from velollm.gguf_info import inspect
-from velollm.plugins import llamacpp_embed
+from velollm.gguf.info import inspect
+from velollm.plugins.llamacpp import embed as llamacpp_embed
 from velollm.pool import ModelPool
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "rag.py"
@@ -292,7 +292,7 @@ def test_litellm_embedding_and_dspy_embedder_by_name(pool: ModelPool) -> None:
     import dspy
     import litellm
 
-    from velollm.adapters.litellm_provider import register_litellm
+    from velollm.adapters.litellm.provider import register_litellm
 
     register_litellm(pool)
     try:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from velollm import gguf_info
 from velollm.engine import LoadOptions
 from velollm.errors import (
     InvalidModelFile,
@@ -18,6 +17,7 @@ from velollm.errors import (
     TruncatedModelFile,
     UnsupportedArchitecture,
 )
+from velollm.gguf import info as gguf_info
 from velollm.plugins.llamacpp import LlamaCppBackend
 
 

@@ -70,7 +70,7 @@ def test_importing_velollm_registers_when_litellm_is_imported_later() -> None:
 
 
 def test_auto_registration_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from velollm.adapters import litellm_autoregister
+    from velollm.adapters.litellm import autoregister as litellm_autoregister
 
     monkeypatch.setitem(sys.modules, "litellm", None)  # as if litellm were not imported yet
     monkeypatch.setenv("VELOLLM_LITELLM_AUTOREGISTER", "0")

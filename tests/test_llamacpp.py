@@ -10,8 +10,8 @@ import pytest
 from velollm.engine import Chunk, Engine, GenerationRequest
 from velollm.errors import ContextOverflow, EngineClosed, GrammarError, InvalidRequest
 from velollm.hardware import HardwareProbe
-from velollm.plugins.ggml_registry import GgmlDevice, GgmlRegistry
 from velollm.plugins.llamacpp import KINDS, LlamaCppBackend
+from velollm.plugins.llamacpp.registry import GgmlDevice, GgmlRegistry
 
 GREEDY = dict(temperature=0.0, max_tokens=24)
 
@@ -224,7 +224,7 @@ def test_gpu_build_without_device_says_so() -> None:
 
 
 def test_live_registry_here_is_cpu_only() -> None:
-    from velollm.plugins.ggml_registry import read_registry
+    from velollm.plugins.llamacpp.registry import read_registry
 
     registry = read_registry()
     assert registry.error is None and "CPU" in registry.backends

@@ -9,7 +9,7 @@ import pytest
 
 from velollm.engine import Engine, GenerationRequest
 from velollm.errors import GrammarError
-from velollm.plugins.llamacpp_grammar import GrammarSampler
+from velollm.plugins.llamacpp.grammar import GrammarSampler
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"type": "string"}}},

@@ -15,7 +15,7 @@ import gguf
 import pytest
 from test_native_tokenizer import CORPUS
 
-from velollm.gguf_header import read_header
+from velollm.gguf.header import read_header
 from velollm.plugins.native.pretokenize import BYTE_TO_UNICODE, byte_encode
 from velollm.plugins.native.tokenizer import Tokenizer
 from velollm.plugins.native.vocab import load_vocab

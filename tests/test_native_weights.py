@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from velollm.gguf_header import read_header
+from velollm.gguf.header import read_header
 from velollm.plugins.native.numerics import Numerics, activation_kind, rope_tables
 from velollm.plugins.native.weights import WeightStore, can_dequantize
 

@@ -9,7 +9,7 @@ import pydantic
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from velollm.adapters.parsing import (
+from velollm.adapters.dspy.parsing import (
     ParseFailure,
     find_json_object,
     find_markers,

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from velollm.errors import BackendNotFound, BackendUnavailable, InsufficientMemory
-from velollm.gguf_info import ModelInfo, inspect
+from velollm.gguf.info import ModelInfo, inspect
 from velollm.hardware import CpuInfo, GpuInfo, HardwareProbe, MemoryInfo
-from velollm.plugins.llamacpp import KINDS, LlamaCppBackend
-from velollm.pool.placement import (
+from velollm.placement import (
     Device,
     MemoryNeeds,
     PlacementOptions,
@@ -24,6 +23,7 @@ from velollm.pool.placement import (
     fmt_bytes,
     place,
 )
+from velollm.plugins.llamacpp import KINDS, LlamaCppBackend
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -271,6 +271,7 @@ class PlainCpuBackend:
 
 class RemoteLike(PlainCpuBackend):
     name = "remote-like"
+    auto_select = False  # declared, never guessed from the name
 
     def memory_needs(self, info: ModelInfo, n_ctx: int, options: PlacementOptions) -> None:
         return None

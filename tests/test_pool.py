@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from velollm.pool.status import parse_keep_alive
 
 from velollm.engine import Capabilities, Chunk, Completion, Engine, GenerationRequest, LoadOptions, Usage
 from velollm.errors import (
@@ -33,9 +34,8 @@ from velollm.errors import (
 from velollm.hardware import CpuInfo, HardwareProbe, MemoryInfo
 from velollm.hookspecs import hookimpl
 from velollm.host import Host
+from velollm.placement import MemoryNeeds
 from velollm.pool import ModelPool
-from velollm.pool.core import parse_keep_alive
-from velollm.pool.placement import MemoryNeeds
 
 MiB, GiB = 1 << 20, 1 << 30
 

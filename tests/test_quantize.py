@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from velollm import gguf_info
-from velollm import quantize as q
 from velollm.engine import GenerationRequest, LoadOptions
 from velollm.errors import (
     ModelNotFound,
@@ -27,6 +25,8 @@ from velollm.errors import (
     TruncatedModelFile,
     UnknownQuantType,
 )
+from velollm.gguf import info as gguf_info
+from velollm.plugins.llamacpp import quantize as q
 
 VELOLLM = [sys.executable, "-m", "velollm.cli"]
 

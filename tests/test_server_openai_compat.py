@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from velollm.adapters import openai_compat as oc
+from velollm import openai_wire as oc
 from velollm.engine import Completion, GenerationRequest, Usage
 from velollm.errors import (
     AuthenticationFailed,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from velollm.errors import IncompatibleDraftModel
-from velollm.speculative.costmodel import (
+from velollm.plugins.llamacpp.speculative.costmodel import (
     PLAIN,
     AcceptanceModel,
     CostTable,
@@ -15,8 +15,8 @@ from velollm.speculative.costmodel import (
     choose_gamma,
     measure_batch_costs,
 )
-from velollm.speculative.draft import VocabSummary, check_compatible
-from velollm.speculative.lookup import PromptLookup
+from velollm.plugins.llamacpp.speculative.draft import VocabSummary, check_compatible
+from velollm.plugins.llamacpp.speculative.lookup import PromptLookup
 
 # measured on this 2-core machine for Qwen2.5-Coder-1.5B (issue 8): decode is close to compute-bound
 CPU = CostTable.from_ratios([1.0, 1.43, 1.96, 2.34, 2.9])

@@ -14,18 +14,18 @@ from velollm.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _LAZY = {
-    "probe": ("velollm.hardware", "probe"),
-    "resolve": ("velollm.models", "resolve"),
+    "probe": ("velollm.loading", "probe_machine"),
+    "resolve": ("velollm.loading", "resolve"),
     "pull": ("velollm.models", "pull"),
-    "inspect": ("velollm.gguf_info", "inspect"),
+    "inspect": ("velollm.gguf.info", "inspect"),
     "get_host": ("velollm.host", "get_host"),
     "GenerationRequest": ("velollm.engine", "GenerationRequest"),
     "load_engine": ("velollm.loading", "load_engine"),
     "ModelPool": ("velollm.pool", "ModelPool"),
     "get_pool": ("velollm.pool", "get_pool"),
-    "register_litellm": ("velollm.adapters.litellm_provider", "register_litellm"),
-    "LM": ("velollm.adapters.dspy_lm", "LM"),
-    "Adapter": ("velollm.adapters.dspy_adapter", "Adapter"),
+    "register_litellm": ("velollm.adapters.litellm.provider", "register_litellm"),
+    "LM": ("velollm.adapters.dspy.lm", "LM"),
+    "Adapter": ("velollm.adapters.dspy.adapter", "Adapter"),
     "Embedder": ("velollm.embeddings", "Embedder"),
     "embed": ("velollm.embeddings", "embed"),
 }
@@ -34,7 +34,7 @@ __all__ = ["__version__", "errors", "hookimpl", *_LAZY]
 
 # `velollm/<model>` becomes a litellm provider as soon as litellm is imported (never imported here:
 # it takes seconds); VELOLLM_LITELLM_AUTOREGISTER=0 turns this off. See docs/litellm.md.
-from velollm.adapters.litellm_autoregister import install as _install_litellm_hook  # noqa: E402
+from velollm.adapters.litellm.autoregister import install as _install_litellm_hook  # noqa: E402
 
 _install_litellm_hook()
 

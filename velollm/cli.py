@@ -45,16 +45,13 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
 # --- probe / plugins ----------------------------------------------------------------------------
 @app.command()
 def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """What this machine has, and which backends can run here (and why not)."""
-    from velollm.hardware import probe as run_probe
     from velollm.loading import backend_status
+    from velollm.loading import probe_machine as run_probe
+    from velollm.placement import fmt_bytes
 
     facts = run_probe()
     status = backend_status(facts)
@@ -69,10 +66,11 @@ def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
         return
     out.print(f"[bold]CPU[/bold]  {facts.cpu.model} ({facts.cpu.physical_cores} cores / "
               f"{facts.cpu.logical_cores} threads; {' '.join(facts.cpu.flags) or 'no SIMD flags read'})")
-    out.print(f"[bold]RAM[/bold]  {_gib(facts.memory.available_bytes)} free of {_gib(facts.memory.total_bytes)}")
+    memory = facts.memory
+    out.print(f"[bold]RAM[/bold]  {fmt_bytes(memory.available_bytes)} free of {fmt_bytes(memory.total_bytes)}")
     for gpu in facts.gpus:
-        out.print(f"[bold]GPU[/bold]  #{gpu.index} {gpu.name} ({gpu.vendor}): {_gib(gpu.free_bytes)} free "
-                  f"of {_gib(gpu.total_bytes)}")
+        out.print(f"[bold]GPU[/bold]  #{gpu.index} {gpu.name} ({gpu.vendor}): {fmt_bytes(gpu.free_bytes)} free "
+                  f"of {fmt_bytes(gpu.total_bytes)}")
     if not facts.gpus:
         out.print("[bold]GPU[/bold]  none found")
     table = Table("backend", "usable", "reason")
@@ -90,7 +88,7 @@ def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
 def _backend_devices(facts: Any) -> dict[str, list[dict[str, Any]]]:
     """The accelerators each usable backend would place layers on (what `velollm place` uses)."""
     from velollm.host import get_host
-    from velollm.pool.placement import backend_devices
+    from velollm.placement import backend_devices
 
     return {name: [d.model_dump() for d in backend_devices(backend, facts)]
             for name, backend in get_host().backends().items()}
@@ -173,11 +171,12 @@ def info(
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor and the bytes per layer.")] = False,
 ) -> None:
     """Summarise a GGUF model (architecture, size, quantisation, context, template...)."""
-    from velollm import gguf_info, models
+    from velollm.gguf import info as gguf_info
+    from velollm.loading import resolve
 
-    details = gguf_info.inspect(models.resolve(model, download=False).path)
+    details = gguf_info.inspect(resolve(model, download=False).path)
     if tensors:
-        from velollm.tensor_table import print_tensor_report, tensor_report
+        from velollm.gguf.tensors import print_tensor_report, tensor_report
 
         _print_json(tensor_report(details)) if as_json else print_tensor_report(details, out)
         return
@@ -210,7 +209,7 @@ def place(
     """How MODEL would be loaded here (backend, GPU layers, threads, context) and why; loads nothing."""
     from velollm.engine import LoadOptions
     from velollm.loading import prepare
-    from velollm.pool.placement import fmt_bytes
+    from velollm.placement import fmt_bytes
 
     fields = {k: v for k, v in {"n_ctx": ctx, "n_gpu_layers": gpu_layers, "draft_model": draft_model}.items()
               if v is not None}

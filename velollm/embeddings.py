@@ -13,28 +13,17 @@ how well a generative model embeds: see ``docs/embeddings.md``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from velollm.engine import Capabilities, Usage
+from velollm.engine import Usage
 from velollm.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
 
 #: Context (= the longest text, in tokens) of an embedding engine unless the caller says otherwise.
 DEFAULT_N_CTX = 2048
 #: Texts handed to the engine per call; bounds how long one call holds the engine.
 DEFAULT_BATCH_SIZE = 64
-
-
-@runtime_checkable
-class EmbeddingEngine(Protocol):
-    """An engine that embeds (``capabilities.embeddings`` is true)."""
-
-    capabilities: Capabilities
-
-    def embed(self, texts: list[str], *, normalize: bool = True, truncate: bool = False) -> list[list[float]]: ...
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
 
 
 def check_texts(texts: Any) -> list[str]:
@@ -155,14 +144,12 @@ def _identity(model: str) -> str:
 
     Raises :class:`ModelNotFound` at once for a reference no model source understands.
     """
-    from velollm import models
-    from velollm.host import get_host
+    from velollm.loading import find_source
 
+    source = find_source(model)  # ModelNotFound at once when no source understands it
     try:
-        path = models.resolve(model, download=False).path
+        path = source.resolve(model.strip(), download=False).path
     except ModelNotFound:
-        if not any(source.handles(model) for source in get_host().model_sources()):
-            raise
         return model
     stat = path.stat()
     return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -1,9 +1,23 @@
-"""The contract between velollm and its backends.
+"""The whole contract between velollm and its backends: what a backend author needs, in one file.
 
 A *Backend* turns a model file into an *Engine*; an Engine turns a :class:`GenerationRequest`
 into a :class:`Completion` (or a stream of :class:`Chunk`). Everything above this module
-(pool, DSPy adapter, litellm provider, server) speaks only these types, so a third-party
-backend plugs in by implementing the two protocols.
+(pool, placement, DSPy adapter, litellm provider, server) speaks only these types, so a
+third-party backend plugs in by implementing the two protocols.
+
+Optional members are declared here, never guessed by name elsewhere:
+
+Backend
+    ``priority: int`` (lower is tried first when the user names no backend; default 100),
+    ``auto_select: bool`` (``False``: used only when named; default ``True``),
+    ``devices(probe) -> list[Device]`` (accelerators placement may put layers on),
+    ``memory_needs(info, n_ctx, options) -> MemoryNeeds | None`` (``None``: uses no local memory).
+Engine
+    ``max_concurrency: int`` (requests the pool lets in at once; default 1),
+    ``turn_free_methods: frozenset[str]`` (methods that do not run the model and need no turn;
+    default :data:`TURN_FREE_METHODS`), ``embed`` (see :class:`EmbeddingEngine`).
+Read them with :func:`backend_priority`, :func:`backend_auto_select`, :func:`engine_concurrency`
+and :func:`engine_turn_free_methods`.
 """
 
 from __future__ import annotations
@@ -12,12 +26,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from velollm.errors import GenerationError, InvalidRequest
+from velollm.errors import GenerationError, InvalidRequest, validated
 
 if TYPE_CHECKING:
     from velollm.hardware import HardwareProbe
+
+#: Plugin API version: bumped when this contract changes incompatibly (``velollm plugins`` shows it).
+PLUGIN_API_VERSION = "2"
+#: Engine methods that do not run the model, so the pool lets them through without a turn.
+TURN_FREE_METHODS = frozenset({"tokenize", "detokenize", "token_text", "is_end_of_generation", "prompt_tokens",
+                               "apply_chat_template", "render"})
+DEFAULT_BACKEND_PRIORITY = 100
 
 FinishReason = Literal["stop", "length"]
 
@@ -59,13 +80,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def of(cls, **fields: Any) -> GenerationRequest:
         """Build a request, turning pydantic's validation errors into :class:`InvalidRequest`."""
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
-            )
-            raise InvalidRequest(f"invalid generation request: {problems}") from None
+        return validated(cls, fields, "generation request")
 
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
@@ -169,13 +184,51 @@ class LoadOptions(BaseModel):
     n_batch: int = Field(default=512, ge=1)
     flash_attn: bool = False
     chat_format: str | None = None
-    # speculative decoding (velollm.speculative; the llama.cpp backend): a drafter makes "auto" the default
+    # speculative decoding (the llama.cpp backend: plugins/llamacpp/speculative): a drafter makes "auto" the default
     speculative: Literal["auto", "draft", "lookup", "off"] | None = None
     draft_model: str | None = None  # a model reference (path, catalogue name, hf:) of the same family
     prompt_lookup: bool = False
     n_draft: int | None = Field(default=None, ge=1, le=32)  # most tokens per draft; the exact number when forced
     draft_p_min: float = Field(default=0.5, ge=0.0, le=1.0)  # the draft stops when its top probability is lower
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Device(BaseModel):
+    """A memory a backend can put layers on: a GPU, or an Apple GPU sharing system RAM."""
+
+    id: str
+    name: str = ""
+    total_bytes: int = 0
+    free_bytes: int = 0
+    unified_memory: bool = False  # the device's memory IS system RAM (Apple Silicon, iGPUs)
+
+
+class MemoryNeeds(BaseModel):
+    """A model's memory needs on one backend for one context size, split the way placement moves them."""
+
+    layer_bytes: list[int] = Field(default_factory=list)  # weights of each repeating layer
+    kv_layer_bytes: list[int] = Field(default_factory=list)  # KV cache of each layer (moves with it)
+    input_bytes: int = 0  # always in RAM: token embeddings, norms (and a tied output head)
+    output_bytes: int = 0  # the output head: on a GPU only when every layer is there
+    output_tied: bool = False  # the head is the embedding matrix: a GPU gets a copy, RAM keeps it
+    graph_bytes: int = 0  # activation/attention scratch on the device that runs the layers
+    logits_bytes: int = 0  # logits scratch, with the output head
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.input_bytes + (0 if self.output_tied else self.output_bytes)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(self.kv_layer_bytes)
+
+    @property
+    def compute_bytes(self) -> int:
+        return max(self.graph_bytes, self.logits_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
 
 
 @runtime_checkable
@@ -212,6 +265,40 @@ class Backend(Protocol):
         ...
 
     def load(self, model_file: Path, options: LoadOptions) -> Engine: ...
+
+
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """An engine that embeds (``capabilities.embeddings`` is true)."""
+
+    capabilities: Capabilities
+
+    def embed(self, texts: list[str], *, normalize: bool = True, truncate: bool = False) -> list[list[float]]: ...
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
+
+
+def backend_priority(backend: Any) -> int:
+    """A backend's declared ``priority`` (lower first), or :data:`DEFAULT_BACKEND_PRIORITY`."""
+    value = getattr(backend, "priority", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else DEFAULT_BACKEND_PRIORITY
+
+
+def backend_auto_select(backend: Any) -> bool:
+    """Whether placement may pick this backend when the user names none (declared ``auto_select``)."""
+    return bool(getattr(backend, "auto_select", True))
+
+
+def engine_concurrency(engine: Any) -> int:
+    """Requests an engine runs at once (declared ``max_concurrency``; at least 1)."""
+    value = getattr(engine, "max_concurrency", 1)
+    return max(1, int(value)) if isinstance(value, int) and not isinstance(value, bool) else 1
+
+
+def engine_turn_free_methods(engine: Any) -> frozenset[str]:
+    """Methods of ``engine`` that need no turn (declared ``turn_free_methods``, else the defaults)."""
+    declared = getattr(engine, "turn_free_methods", None)
+    return frozenset(declared) if declared is not None else TURN_FREE_METHODS
 
 
 def collect_stream(chunks: Iterator[Chunk], model: str = "") -> Completion:

@@ -6,6 +6,11 @@ logic (the DSPy adapter, the litellm provider) whether trying again can help.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+M = TypeVar("M")
+
 
 class VeloError(Exception):
     """Base of every error velollm raises deliberately."""
@@ -146,3 +151,19 @@ class IncompatibleDraftModel(InvalidRequest):
 
 
 __all__ = [name for name, value in globals().items() if isinstance(value, type) and issubclass(value, VeloError)]
+
+
+def invalid_request_from(exc: Any, what: str, error: type[VeloError] | None = None) -> VeloError:
+    """A pydantic ``ValidationError`` as one readable typed error: ``invalid <what>: field: problem; ...``."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors())
+    return (error or InvalidRequest)(f"invalid {what}: {problems}")
+
+
+def validated(model: type[M], data: Mapping[str, Any], what: str, error: type[VeloError] | None = None) -> M:
+    """``model(**data)``, with pydantic's ValidationError turned into :func:`invalid_request_from`."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**data)
+    except ValidationError as exc:
+        raise invalid_request_from(exc, what, error) from None

@@ -368,17 +368,19 @@ def merge_plugin_devices(gpus: list[GpuInfo], extras: dict[str, Any]) -> list[Gp
     return merged
 
 
-def probe(*, with_plugins: bool = True) -> HardwareProbe:
-    """Probe this machine now. Cheap enough to call per decision (tens of milliseconds)."""
+def probe(*, facts: dict[str, Any] | None = None) -> HardwareProbe:
+    """Probe this machine now. Cheap enough to call per decision (tens of milliseconds).
+
+    ``facts`` are the plugins' hardware facts (``Host.hardware_facts()``; :func:`velollm.loading.probe`
+    passes them): ``None`` probes without plugins.
+    """
     notes: list[str] = []
     sources: dict[str, str] = {}
     memory = probe_memory(notes)
     gpus = probe_nvidia(notes, sources) + probe_amd(notes, sources=sources) + probe_apple(memory, notes, sources)
     extras: dict[str, Any] = {}
-    if with_plugins:
-        from velollm.host import get_host
-
-        extras = get_host().hardware_facts()
+    if facts is not None:
+        extras = dict(facts)
         for name, backends in HardwareProbe(extras=extras).compiled_backends().items():
             error = extras[name].get("error") if isinstance(extras[name], dict) else None
             sources[name] = error or f"compiled backends: {', '.join(backends) or 'none'}"

@@ -39,10 +39,8 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "model_sources": "velollm.plugins.sources",
     "llamacpp": "velollm.plugins.llamacpp",
     "native": "velollm.plugins.native",
-    "gguf_tools": "velollm.plugins.gguf_tools",
     "remote": "velollm.plugins.remote",
     "server": "velollm.server.plugin",
-    "bench": "velollm.plugins.bench_command",
 }
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -320,18 +320,32 @@ class HuggingFaceSource:
         return ResolvedModel(ref=ref, path=Path(path), source=self.name, name=Path(filename).stem)
 
 
-def resolve(ref: str, *, download: bool = True, progress: Progress | None = None) -> ResolvedModel:
-    """Resolve a model reference through the registered sources (first that handles it wins)."""
-    from velollm.host import get_host
+def builtin_sources() -> list[ModelSource]:
+    """The sources velollm itself ships (paths, the catalogue, hf:), most specific first."""
+    found = [PathSource(), CatalogSource(), HuggingFaceSource()]
+    return sorted(found, key=lambda s: getattr(s, "priority", 100))
 
+
+def find_source(ref: str, sources: Sequence[ModelSource] | None = None) -> ModelSource:
+    """The first source that understands ``ref``; :class:`ModelNotFound` when none does.
+
+    ``sources`` come from the plugin host (:func:`velollm.loading.resolve` passes them); ``None``
+    means velollm's own sources only.
+    """
     ref = ref.strip()
     if not ref:
         raise ModelNotFound("empty model reference")
-    for source in get_host().model_sources():
+    for source in builtin_sources() if sources is None else sources:
         if source.handles(ref):
-            return source.resolve(ref, download=download, progress=progress)
+            return source
     known = ", ".join(CATALOG)
     raise ModelNotFound(f"unknown model {ref!r}: not a file, not an hf: reference, not in the catalogue ({known})")
+
+
+def resolve(ref: str, *, sources: Sequence[ModelSource] | None = None, download: bool = True,
+            progress: Progress | None = None) -> ResolvedModel:
+    """Resolve a model reference through ``sources`` (first that handles it wins)."""
+    return find_source(ref, sources).resolve(ref.strip(), download=download, progress=progress)
 
 
 def remove(name: str) -> bool:

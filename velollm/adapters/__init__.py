@@ -1,1 +1,3 @@
-"""Integrations that sit above the Engine protocol: DSPy and litellm."""
+"""Integrations above the Engine protocol: ``dspy/`` (LM, Adapter) and ``litellm/`` (the provider).
+
+The OpenAI wire format they share with the server lives in :mod:`velollm.openai_wire`."""

@@ -14,7 +14,7 @@ Named entries live in ``$VELOLLM_REMOTES`` (a JSON file) or ``$VELOLLM_HOME/remo
 
 The reference goes through the pool like any other, so ``velollm.LM``, the litellm provider
 (``velollm/remote:...``) and the server use it unchanged. Requests and answers are translated
-by the shared mapping in :mod:`velollm.adapters.openai_compat`; transient failures (connection
+by the shared mapping in :mod:`velollm.openai_wire`; transient failures (connection
 errors, 429, 5xx) are retried with tenacity before the first byte of an answer.
 """
 
@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from velollm.adapters import openai_compat
+from velollm import openai_wire
 from velollm.engine import Capabilities, Chunk, Completion, GenerationRequest, LoadOptions, Timings, Usage
 from velollm.errors import (
     GenerationError,
@@ -39,6 +39,7 @@ from velollm.errors import (
     RemoteUnavailable,
     UnsupportedFeature,
     VeloError,
+    validated,
 )
 from velollm.hookspecs import hookimpl
 
@@ -127,10 +128,7 @@ def parse_ref(ref: str, overrides: dict[str, Any] | None = None) -> RemoteSpec:
                                 f"or use {PREFIX}http://host:port/v1#model")
         fields = dict(config[target])
     fields.update(overrides or {})
-    try:
-        spec = RemoteSpec(**fields)
-    except ValidationError as exc:
-        raise ModelNotFound(f"bad remote settings for {ref!r}: {exc.errors()[0]['msg']}") from None
+    spec = validated(RemoteSpec, fields, f"remote settings for {ref!r}", ModelNotFound)
     if model is not None:
         spec = spec.model_copy(update={"model": spec.models.get(model, model)})
     _check_url(spec.base_url, ref)
@@ -183,6 +181,7 @@ class RemoteBackend:
     """Loads a spec file written by :class:`RemoteSource` into a connected :class:`RemoteEngine`."""
 
     name = "remote"
+    auto_select = False  # a remote server is used only when a model reference names it
 
     def available(self, probe: HardwareProbe) -> tuple[bool, str]:
         try:
@@ -274,7 +273,7 @@ class RemoteEngine:
                 except httpx.TransportError as exc:
                     raise self._transport_error(exc) from None
                 if response.status_code >= 400:
-                    raise openai_compat.error_from_response(response.status_code, self._body(response))
+                    raise openai_wire.error_from_response(response.status_code, self._body(response))
                 data = self._body(response)
                 if isinstance(data, str):
                     raise GenerationError(f"{self._where()} answered with non-JSON: {data[:200]!r}")
@@ -296,7 +295,7 @@ class RemoteEngine:
                 if response.status_code >= 400:
                     try:
                         response.read()
-                        error = openai_compat.error_from_response(response.status_code, self._body(response))
+                        error = openai_wire.error_from_response(response.status_code, self._body(response))
                     finally:
                         response.close()
                     raise error
@@ -341,12 +340,12 @@ class RemoteEngine:
             raise UnsupportedFeature(f"{self._where()} is not configured for grammars (set grammar: true)")
         if request.json_schema is not None and not self.capabilities.json_schema:
             raise UnsupportedFeature(f"{self._where()} is not configured for JSON schemas")
-        return openai_compat.openai_body(request, self.model, sampling_extras=self.spec.sampling_extras, stream=stream)
+        return openai_wire.openai_body(request, self.model, sampling_extras=self.spec.sampling_extras, stream=stream)
 
     def generate(self, request: GenerationRequest) -> Completion:
         url, body = self._body_for(request, stream=False)
         start = time.perf_counter()
-        completion = openai_compat.completion_from_openai(self._call("POST", url, body))
+        completion = openai_wire.completion_from_openai(self._call("POST", url, body))
         end = time.perf_counter()
         completion.timings = Timings.measure(start, None, end, completion.usage.prompt_tokens,
                                              completion.usage.completion_tokens, remote=True)
@@ -428,7 +427,7 @@ class _SSEChunks:
                 event = self._next_event()
                 if event is None:
                     return self._final()
-                text, finish, usage = openai_compat.chunk_from_openai(event)
+                text, finish, usage = openai_wire.chunk_from_openai(event)
                 self._finish = finish or self._finish
                 self._usage = usage or self._usage
                 if text:

@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI's chat/completions API, tokenization, health and pool status.
 
 Every request gets its engine from the pool and generates in its own thread
-(:func:`velollm.adapters.streams.start_stream`), so requests for different models run at once
+(:func:`velollm.pool.streams.start_stream`), so requests for different models run at once
 and requests for one model queue on that engine. Loading, queueing and validation happen before
 an answer starts, so their errors get a proper HTTP status; an error mid-stream becomes an
 error event. A client that goes away stops its generation at the next token.
@@ -25,10 +25,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from velollm.adapters import openai_compat as oc
-from velollm.adapters.streams import AsyncStream, acollect, open_leased, start_stream
+from velollm import openai_wire as oc
 from velollm.engine import Chunk
 from velollm.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, VeloError
+from velollm.pool.streams import AsyncStream, acollect, open_leased, start_stream
 
 log = logging.getLogger(__name__)
 
@@ -355,10 +355,7 @@ def _stream_error(exc: Exception) -> str:
 
 
 def _usage(finals: list[Chunk], prompts: int) -> dict[str, int]:
-    usages = [c.usage for c in finals if c.usage is not None]
-    per_prompt = max(len(usages) // max(prompts, 1), 1)
-    prompt_tokens = sum(u.prompt_tokens for u in usages[::per_prompt])
-    return oc.usage_dict(prompt_tokens, sum(u.completion_tokens for u in usages))
+    return oc.sum_usage([c.usage for c in finals if c.usage is not None], prompts)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

@@ -64,15 +64,16 @@ def serve(
 def _check_refs(models: dict[str, str]) -> None:
     """Fail at start, not at the first request, on a reference no model source understands."""
     from velollm.errors import ModelNotFound
-    from velollm.host import get_host
+    from velollm.loading import find_source
 
     if not models:
         raise ModelNotFound("nothing to serve: pass --model REF (or pull a catalogue model first)")
-    sources = get_host().model_sources()
     for model_id, ref in models.items():
-        if not any(source.handles(ref) for source in sources):
+        try:
+            find_source(ref)
+        except ModelNotFound:
             raise ModelNotFound(f"--model {model_id}: no model source understands {ref!r} "
-                                "(a path, a catalogue name, hf:owner/repo/file.gguf or remote:URL#model)")
+                                "(a path, a catalogue name, hf:owner/repo/file.gguf or remote:URL#model)") from None
 
 
 @hookimpl

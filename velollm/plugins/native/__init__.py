@@ -26,6 +26,7 @@ class NativeBackend:
     """Loads GGUF models of the llama, qwen2 and gemma3 architectures into a numpy engine."""
 
     name = BACKEND_NAME
+    priority = 40  # after llama.cpp's CPU build (30): correct everywhere, but slower
 
     @property
     def architectures(self) -> frozenset[str]:
@@ -45,7 +46,7 @@ class NativeBackend:
         ~4-7x the file size), the token embedding quantized, and a float32 KV cache."""
         from math import prod
 
-        from velollm.pool.placement import MemoryNeeds
+        from velollm.placement import MemoryNeeds
 
         n_layers = info.block_count or 0
         layers = [0] * n_layers

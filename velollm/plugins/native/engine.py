@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from velollm import gguf_info
 from velollm.chat_templates import ChatTemplate
 from velollm.engine import (
     Capabilities,
@@ -50,7 +49,8 @@ from velollm.errors import (
     UnsupportedArchitecture,
     UnsupportedFeature,
 )
-from velollm.gguf_header import HeaderError, read_header
+from velollm.gguf import info as gguf_info
+from velollm.gguf.header import HeaderError, read_header
 from velollm.plugins.native.model import KVCache, ModelConfig, Transformer
 from velollm.plugins.native.numerics import MODES, Numerics
 from velollm.plugins.native.sampling import Sampler, SamplingParams

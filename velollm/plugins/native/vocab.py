@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from velollm.errors import InvalidModelFile, UnsupportedArchitecture
-from velollm.gguf_header import ArrayRef, GGUFHeader, read_string_array
+from velollm.gguf.header import ArrayRef, GGUFHeader, read_string_array
 
 # llama_token_attr bits (llama.h)
 ATTR_UNDEFINED = 0

@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from velollm.errors import InvalidModelFile
-from velollm.gguf_header import GGUFHeader, TensorEntry
+from velollm.gguf.header import GGUFHeader, TensorEntry
 
 _CHUNK_ELEMENTS = 1 << 18  # values dequantized per task: numpy's temporaries stay in cache (measured best)
 

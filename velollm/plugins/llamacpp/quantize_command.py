@@ -9,16 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from velollm.hookspecs import hookimpl
-from velollm.quantize import QUANT_TYPES
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+from velollm.placement import fmt_bytes
+from velollm.plugins.llamacpp.quantize import QUANT_TYPES
 
 
 def quantize(
@@ -35,12 +31,13 @@ def quantize(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 
-    from velollm import quantize as q
+    from velollm.plugins.llamacpp import quantize as q
 
     err = Console(stderr=True)
     info, qtype, _ = q.check(source, output, type_name, force=force, allow_requantize=allow_requantize)
-    err.print(f"{info.path.name}: {q.short_file_type(info.file_type) or '?'} {_mb(info.file_size)} -> {qtype.name} "
-              f"(about {_mb(q.estimate_bytes(info, qtype))})")
+    kind = q.short_file_type(info.file_type) or "?"
+    err.print(f"{info.path.name}: {kind} {fmt_bytes(info.file_size)} -> {qtype.name} "
+              f"(about {fmt_bytes(q.estimate_bytes(info, qtype))})")
     if q.quantized_tensor_types(info):
         err.print("[yellow]note:[/yellow] requantizing an already quantized file: the result is no more accurate "
                   "than the source")
@@ -57,14 +54,10 @@ def quantize(
     if as_json:
         sys.stdout.write(json.dumps(result.model_dump(mode="json") | {"ratio": result.ratio}, indent=2) + "\n")
         return
-    err.print(f"{result.output}: {result.type}, {_mb(result.source_bytes)} -> {_mb(result.output_bytes)} "
+    err.print(f"{result.output}: {result.type}, {fmt_bytes(result.source_bytes)} -> {fmt_bytes(result.output_bytes)} "
               f"({result.ratio:.2f}×) in {result.seconds:.1f} s with {result.threads} threads")
     if result.fallback_tensors:
         err.print(f"[yellow]note:[/yellow] {result.fallback_tensors} tensors do not fit {result.type}'s block size and "
                   f"were written as {', '.join(t for t in result.tensor_types if t not in ('F32', result.type))}")
     sys.stdout.write(f"{result.output}\n")
 
-
-@hookimpl
-def register_commands(cli: Any) -> None:
-    cli.command("quantize")(quantize)

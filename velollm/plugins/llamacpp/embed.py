@@ -32,7 +32,7 @@ from velollm.errors import ContextOverflow, GenerationError, InvalidRequest, Uns
 if TYPE_CHECKING:
     import numpy as np
 
-    from velollm.gguf_info import ModelInfo
+    from velollm.gguf.info import ModelInfo
     from velollm.plugins.llamacpp import LlamaCppEngine
 
 #: llama.cpp's ``enum llama_pooling_type``.

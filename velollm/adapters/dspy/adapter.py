@@ -10,8 +10,8 @@ Per call it picks one output format:
   field chunks out of the token stream.
 
 Whatever the format, parsing tries markers, then JSON (repaired), then the whole text for a
-lone field (:mod:`velollm.adapters.parsing`). An answer that still does not parse is sent back
-to the model with what was missing, a bounded number of times (:mod:`velollm.adapters.retry`).
+lone field (:mod:`velollm.adapters.dspy.parsing`). An answer that still does not parse is sent back
+to the model with what was missing, a bounded number of times (:mod:`velollm.adapters.dspy.retry`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from dspy.signatures.signature import Signature
 from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import AdapterParseError
 
-from velollm.adapters import parsing, schema, streaming
-from velollm.adapters.retry import RetryPolicy
+from velollm.adapters.dspy import listeners as streaming
+from velollm.adapters.dspy import parsing, schema
+from velollm.adapters.dspy.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -123,40 +124,24 @@ class Adapter(ChatAdapter):
     # --- the call --------------------------------------------------------------------------------
     def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature], demos: list[dict[str, Any]],
                  inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        prepared = None
-        feedback: list[dict[str, Any]] = []
+        call = _Attempts(self, lm, lm_kwargs, signature, demos, inputs)
         for attempt in self.retry_policy.retrying():
             with attempt:
-                # inside the retry: planning may load the model, which can fail transiently too
-                prepared = prepared or self._prepare(lm, lm_kwargs, signature, demos, inputs)
-                processed, messages, kwargs, fmt = prepared
-                sent = messages + feedback
+                call.prepare()  # inside the retry: planning may load the model, which can fail transiently too
+                sent, kwargs = call.next_messages()
                 with _message_call(lm, sent):
-                    outputs = lm(messages=sent, **kwargs)
-                try:
-                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
-                except AdapterParseError as exc:
-                    feedback = self.feedback(processed, exc, fmt)
-                    raise
+                    return call.parse(lm(messages=sent, **kwargs))
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     async def acall(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature],
                     demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        prepared = None
-        feedback: list[dict[str, Any]] = []
+        call = _Attempts(self, lm, lm_kwargs, signature, demos, inputs)
         async for attempt in self.retry_policy.aretrying():
             with attempt:
-                # planning may load the model: keep it off the event loop
-                prepared = prepared or await asyncio.to_thread(self._prepare, lm, lm_kwargs, signature, demos, inputs)
-                processed, messages, kwargs, fmt = prepared
-                sent = messages + feedback
+                await asyncio.to_thread(call.prepare)  # planning may load the model: keep it off the event loop
+                sent, kwargs = call.next_messages()
                 with _message_call(lm, sent):
-                    outputs = await lm.acall(messages=sent, **kwargs)
-                try:
-                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
-                except AdapterParseError as exc:
-                    feedback = self.feedback(processed, exc, fmt)
-                    raise
+                    return call.parse(await lm.acall(messages=sent, **kwargs))
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     def feedback(self, signature: type[Signature], exc: AdapterParseError, fmt: OutputFormat) -> list[dict[str, Any]]:
@@ -217,3 +202,32 @@ class Adapter(ChatAdapter):
     # --- parsing -----------------------------------------------------------------------------------
     def parse(self, signature: type[Signature], completion: str) -> dict[str, Any]:
         return parsing.parse_completion(signature, completion)
+
+
+class _Attempts:
+    """One prediction's attempts, shared by the sync and async calls: prepared once, feedback carried over."""
+
+    def __init__(self, adapter: Adapter, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature],
+                 demos: list[dict[str, Any]], inputs: dict[str, Any]) -> None:
+        self.adapter, self.lm, self.lm_kwargs = adapter, lm, lm_kwargs
+        self.args = (signature, demos, inputs)
+        self.prepared: tuple[Any, list[dict[str, Any]], dict[str, Any], Any] | None = None
+        self.feedback: list[dict[str, Any]] = []
+
+    def prepare(self) -> None:
+        if self.prepared is None:
+            self.prepared = self.adapter._prepare(self.lm, self.lm_kwargs, *self.args)
+
+    def next_messages(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        assert self.prepared is not None
+        _, messages, kwargs, _ = self.prepared
+        return messages + self.feedback, kwargs
+
+    def parse(self, outputs: Any) -> list[dict[str, Any]]:
+        assert self.prepared is not None
+        processed, _, _, fmt = self.prepared
+        try:
+            return self.adapter._call_postprocess(processed, self.args[0], outputs, self.lm, self.lm_kwargs)
+        except AdapterParseError as exc:
+            self.feedback = self.adapter.feedback(processed, exc, fmt)
+            raise

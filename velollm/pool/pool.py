@@ -5,7 +5,7 @@ What it guarantees, and why:
 * **One load per model.** N threads asking for a model that is not loaded yet share one load
   (single flight); a failed load is reported to every waiter and forgotten, so the next
   request tries again instead of inheriting the failure.
-* **Placement decides how.** Each load is planned by :mod:`velollm.pool.placement` (backend,
+* **Placement decides how.** Each load is planned by :mod:`velollm.placement` (backend,
   GPU layers, threads, context) from the hardware probe; callers' explicit options win.
 * **Leases pin models.** A model with a lease (or a request still running) is never evicted.
   When the last lease ends the model stays for ``keep_alive`` seconds (Ollama's default,
@@ -14,7 +14,7 @@ What it guarantees, and why:
   the estimated memory of all loaded models would exceed the budget or ``max_loaded``; if
   only models in use stand in the way, the load waits for one to become idle (bounded).
 * **Fair turns.** An engine runs one request at a time (or ``engine.max_concurrency``, e.g. a
-  remote server); other requests wait in a bounded FIFO queue and get
+  server behind an HTTP API); other requests wait in a bounded FIFO queue and get
   :class:`~velollm.errors.QueueFull` or :class:`~velollm.errors.QueueTimeout` instead of
   piling up without limit.
 
@@ -25,156 +25,42 @@ specific to llama.cpp.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
-import functools
 import json
 import logging
-import re
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
-
-from velollm.engine import Chunk, Completion, Engine, GenerationRequest, LoadOptions
-from velollm.errors import (
-    EngineClosed,
-    InsufficientMemory,
-    InvalidRequest,
-    PoolBusy,
-    QueueFull,
-    QueueTimeout,
-)
+from velollm import loading
+from velollm.engine import Engine, LoadOptions, engine_concurrency
+from velollm.errors import EngineClosed, InsufficientMemory, InvalidRequest, PoolBusy, validated
 from velollm.hardware import HardwareProbe
-from velollm.pool.placement import Plan, fmt_bytes
+from velollm.placement import fmt_bytes
+from velollm.pool.memory import trim_heap
+from velollm.pool.status import (
+    DEFAULT_KEEP_ALIVE,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_QUEUE_TIMEOUT,
+    ModelStatus,
+    PoolStatus,
+    default_budget,
+    parse_keep_alive,
+)
+from velollm.pool.turns import Lease, TurnQueue, _Entry
 
 log = logging.getLogger(__name__)
 
-#: Seconds an unused model stays loaded (Ollama's default: 5 minutes).
-DEFAULT_KEEP_ALIVE = 300.0
-#: Requests that may wait for one engine before new ones get QueueFull.
-DEFAULT_QUEUE_SIZE = 64
-#: Seconds a request may wait for its turn (or a load for memory) before QueueTimeout.
-DEFAULT_QUEUE_TIMEOUT = 300.0
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_keep_alive(value: float | int | str | timedelta | None, default: float = DEFAULT_KEEP_ALIVE) -> float:
-    """Seconds from a number, a timedelta or an Ollama-style duration ("5m", "1h", "30s", "-1")."""
-    if value is None:
-        return default
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool):
-        raise InvalidRequest(f"keep_alive must be a duration, not {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise InvalidRequest(f"keep_alive {value!r} is not a duration (seconds, or like '30s', '5m', '1h', '-1')")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def default_budget(probe: HardwareProbe) -> int:
-    """90% of RAM plus the memory of discrete GPUs: a ceiling on what the pool keeps loaded.
-
-    Placement separately checks what is free at load time; the budget stops the pool from
-    stacking up models that each fit alone.
-    """
-    ram = probe.memory.total_bytes * 9 // 10
-    return ram + sum(g.total_bytes for g in probe.gpus if not g.unified_memory)
-
-
-# --- status --------------------------------------------------------------------------------------
-class ModelStatus(BaseModel):
-    ref: str
-    path: str
-    backend: str
-    state: str  # loading | ready
-    leases: int
-    running: int  # requests holding a turn now
-    queued: int  # requests waiting for a turn
-    slots: int  # requests the engine runs at once
-    requests: int  # requests served since load
-    keep_alive_s: float
-    loaded_at: datetime | None = None
-    last_used: datetime | None = None
-    expires_in_s: float | None = None  # None: in use, or kept forever
-    memory_bytes: int = 0
-    memory_by_device: dict[str, int] = Field(default_factory=dict)
-    load_options: dict[str, Any] = Field(default_factory=dict)
-    plan: Plan | None = None
-
-
-class PoolStatus(BaseModel):
-    models: list[ModelStatus]
-    memory_budget: int | None
-    memory_used: int
-    max_loaded: int | None
-    keep_alive_s: float
-    queue_size: int
-    queue_timeout_s: float | None
-    loads: int
-    load_failures: int
-    unloads: int
-    evictions: int
-
-
-# --- internals -----------------------------------------------------------------------------------
-class _Ticket:
-    __slots__ = ("event", "granted")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.granted = False
-
-
-class _Entry:
-    """One (model file, backend, options) in the pool."""
-
-    def __init__(self, key: tuple[str, ...], ref: str, path: Path, keep_alive: float) -> None:
-        self.key, self.ref, self.path = key, ref, path
-        self.state = "loading"  # loading -> ready -> closed; a failed load is dropped
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.engine: Engine | None = None
-        self.plan: Plan | None = None
-        self.load_options: LoadOptions | None = None
-        self.backend = ""
-        self.leases = 0
-        self.running = 0
-        self.holders: dict[int, int] = {}  # thread id -> turns held (to catch self-deadlock)
-        self.waiting: deque[_Ticket] = deque()
-        self.slots = 1
-        self.requests = 0
-        self.keep_alive = keep_alive
-        self.loaded_at: float | None = None
-        self.last_used = time.monotonic()
-        self.expires_at: float | None = None
-
-    @property
-    def memory(self) -> int:
-        return self.plan.memory_bytes if self.plan is not None and self.plan.accounted else 0
-
-    def idle(self) -> bool:
-        return self.state == "ready" and self.leases == 0 and self.running == 0 and not self.waiting
-
-
-class ModelPool:
+class ModelPool(TurnQueue):
     """Loads models once, shares them between threads, and unloads them under a memory budget.
 
     ``probe`` may be a :class:`HardwareProbe` (tests inject machines) or a callable returning one;
     ``host`` fixes the plugin host (default: the process-wide one at each load);
-    ``placement`` holds extra :class:`~velollm.pool.placement.PlacementOptions` fields.
+    ``placement`` holds extra :class:`~velollm.placement.PlacementOptions` fields.
     """
 
     def __init__(self, *, memory_budget: int | None = None, max_loaded: int | None = None,
@@ -210,12 +96,10 @@ class ModelPool:
         placement. ``keep_alive`` (seconds or "5m") applies after this lease ends; ``timeout``
         bounds waiting for memory and, for each request on the lease, for its turn.
         """
-        from velollm import models
-
         options = self._options(load_options)
         keep = parse_keep_alive(keep_alive, self.keep_alive) if keep_alive is not None else None
         wait = self.queue_timeout if timeout is None else timeout
-        resolved = models.resolve(str(ref))
+        resolved = loading.resolve(str(ref), host=self._host)
         backend = backend or resolved.backend
         explicit = {name: getattr(options, name) for name in sorted(options.model_fields_set)}
         key = (str(resolved.path), backend or "", json.dumps(explicit, sort_keys=True, default=str))
@@ -276,9 +160,7 @@ class ModelPool:
         """Unload idle models (all, or those loaded for ``ref``); returns how many were unloaded."""
         path = None
         if ref is not None:
-            from velollm import models
-
-            path = str(models.resolve(str(ref), download=False).path)
+            path = str(loading.resolve(str(ref), download=False, host=self._host).path)
         with self._cond:
             victims = [e for e in self._entries.values() if e.idle() and (path is None or e.key[0] == path)]
             for entry in victims:
@@ -306,11 +188,7 @@ class ModelPool:
     # --- loading ------------------------------------------------------------------------------
     @staticmethod
     def _options(load_options: dict[str, Any]) -> LoadOptions:
-        try:
-            return LoadOptions(**load_options)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise InvalidRequest(f"invalid load options: {problems}") from None
+        return validated(LoadOptions, load_options, "load options")
 
     def _probe(self) -> HardwareProbe:
         source = self._probe_source
@@ -318,21 +196,10 @@ class ModelPool:
             return source
         if callable(source):
             return source()
-        from velollm import hardware
-
-        return hardware.probe()
-
-    def _host_now(self) -> Any:
-        if self._host is not None:
-            return self._host
-        from velollm.host import get_host
-
-        return get_host()
+        return loading.probe_machine(self._host)
 
     def _prepare(self, resolved: Any, backend: str | None, options: LoadOptions) -> Any:
-        from velollm.loading import prepare
-
-        return prepare(resolved.path, backend=backend, options=options, probe=self._probe(), host=self._host_now(),
+        return loading.prepare(resolved.path, backend=backend, options=options, probe=self._probe(), host=self._host,
                        resolved=resolved, **self.placement)
 
     def _load(self, entry: _Entry, resolved: Any, backend: str | None, options: LoadOptions,
@@ -340,17 +207,16 @@ class ModelPool:
         deadline = None if wait is None else time.monotonic() + wait
         prepared = self._make_room(entry, resolved, backend, options, deadline)
         plan = prepared.plan
-        host = self._host_now()
         log.info("loading %s on %s (n_gpu_layers=%s, n_ctx=%s)", entry.path.name, plan.backend, plan.n_gpu_layers,
                  plan.n_ctx)
-        engine = host.backend(plan.backend).load(prepared.resolved.path, prepared.load_options)
+        engine = loading.load_prepared(prepared, self._host)
         with self._cond:
             if entry.state == "closed":  # the pool was closed while this model loaded
                 orphan = True
             else:
                 orphan = False
                 entry.engine, entry.state = engine, "ready"
-                entry.slots = max(int(getattr(engine, "max_concurrency", 1) or 1), 1)
+                entry.slots = engine_concurrency(engine)
                 entry.loaded_at = entry.last_used = time.monotonic()
                 self._stats["loads"] += 1
         if orphan:
@@ -503,305 +369,12 @@ class ModelPool:
                     self._cond.wait(max(timeout, 0.0))
             self._close_all(expired)
 
-    # --- turns --------------------------------------------------------------------------------
-    def _turn(self, entry: _Entry, timeout: float | None) -> int:
-        """Wait for this thread's turn on the entry's engine (FIFO, bounded); returns a token."""
-        me = threading.get_ident()
-        with self._cond:
-            if entry.state != "ready":
-                raise EngineClosed(f"{entry.path.name} was unloaded from the pool")
-            if entry.slots == 1 and entry.holders.get(me):
-                raise InvalidRequest("this thread is already generating on this engine (an unfinished stream?)")
-            if entry.running < entry.slots and not entry.waiting:
-                entry.running += 1
-                entry.holders[me] = entry.holders.get(me, 0) + 1
-                entry.expires_at = None
-                return me
-            if len(entry.waiting) >= self.queue_size:
-                raise QueueFull(f"{len(entry.waiting)} requests are already waiting for {entry.path.name} "
-                                f"(queue_size={self.queue_size}); try again later",
-                                queued=len(entry.waiting), queue_size=self.queue_size)
-            ticket = _Ticket()
-            entry.waiting.append(ticket)
-        ticket.event.wait(timeout)
-        with self._cond:
-            if ticket.granted:
-                entry.holders[me] = entry.holders.get(me, 0) + 1
-                if entry.state == "ready":
-                    return me
-                victims = self._end_turn_locked(entry, me)
-                error: Exception = EngineClosed(f"{entry.path.name} was unloaded from the pool")
-            else:
-                with contextlib.suppress(ValueError):
-                    entry.waiting.remove(ticket)
-                if entry.state != "ready":
-                    victims, error = [], EngineClosed(f"{entry.path.name} was unloaded from the pool")
-                else:
-                    victims = self._settle(entry)
-                    error = QueueTimeout(f"waited {timeout:g} s for a turn on {entry.path.name} ({entry.running} "
-                                         f"running, {len(entry.waiting)} still queued)", timeout=timeout)
-        self._close_all(victims)
-        raise error
-
-    def _end_turn(self, entry: _Entry, token: int) -> None:
-        with self._cond:
-            victims = self._end_turn_locked(entry, token)
-        self._close_all(victims)
-
-    def _end_turn_locked(self, entry: _Entry, token: int) -> list[_Entry]:
-        count = entry.holders.get(token, 0)
-        if count <= 1:
-            entry.holders.pop(token, None)
-        else:
-            entry.holders[token] = count - 1
-        entry.requests += 1
-        if entry.waiting:  # hand the slot straight to the next in line: FIFO, no barging
-            ticket = entry.waiting.popleft()
-            ticket.granted = True
-            ticket.event.set()
-            return []
-        entry.running -= 1
-        return self._settle(entry)
-
-    def _release(self, lease: Lease) -> None:
-        entry = lease.entry
-        with self._cond:
-            entry.leases -= 1
-            victims = self._settle(entry)
-        self._close_all(victims)
-
-    def _defer(self, kind: str, entry: _Entry, token: int = 0) -> None:
-        """A release from a finalizer: never block there (the lock may be held by this very thread)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                victims = (self._end_turn_locked(entry, token) if kind == "turn"
-                           else self._release_locked(entry))
-            finally:
-                self._lock.release()
-            self._close_all(victims)
-            return
-        self._deferred.append((kind, entry, token))
-        with contextlib.suppress(RuntimeError):
-            threading.Thread(target=self._drain_deferred, daemon=True).start()
-
-    def _release_locked(self, entry: _Entry) -> list[_Entry]:
-        entry.leases -= 1
-        return self._settle(entry)
-
-    def _drain_deferred(self) -> None:
-        while self._deferred:
-            try:
-                kind, entry, token = self._deferred.popleft()
-            except IndexError:
-                return
-            with self._cond:
-                victims = self._end_turn_locked(entry, token) if kind == "turn" else self._release_locked(entry)
-            self._close_all(victims)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-def trim_heap() -> None:
-    """Give freed heap back to the OS after an unload.
-
-    glibc keeps the hundreds of MB an engine freed (compute buffers, KV cache) in its arenas, so
-    RSS stays high after an unload although the memory is free; measured here: 184 MB before,
-    78 MB after trimming, with Gemma 270M unloaded.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
 
 def _close_quietly(engine: Engine) -> None:
     try:
         engine.close()
     except Exception as exc:  # a failing close must not stop the others from closing
         log.warning("closing %r failed: %s: %s", engine, type(exc).__name__, exc)
-
-
-class Lease:
-    """The right to use one engine until ``release`` (or the end of a ``with`` block).
-
-    While any lease on a model is open the pool never evicts it. ``engine`` is the pool's view
-    of the engine: each ``generate``/``stream`` waits its turn in the engine's queue.
-    """
-
-    def __init__(self, pool: ModelPool, entry: _Entry, timeout: float | None = None) -> None:
-        self.pool, self.entry, self.key = pool, entry, entry.key
-        self._released = False
-        self._release_lock = threading.Lock()
-        self.engine = PooledEngine(pool, entry, self, timeout)
-
-    @property
-    def plan(self) -> Plan | None:
-        return self.entry.plan
-
-    def release(self) -> None:
-        with self._release_lock:
-            if self._released:
-                return
-            self._released = True
-        self.pool._release(self)
-
-    def __enter__(self) -> Engine:
-        return self.engine  # type: ignore[return-value]
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __del__(self) -> None:  # a lease dropped without release must not pin the model forever
-        if not getattr(self, "_released", True):
-            self._released = True
-            self.pool._defer("lease", self.entry)
-
-
-#: Engine methods that do not run the model (no turn needed).
-_UNQUEUED = frozenset({"tokenize", "detokenize", "token_text", "is_end_of_generation", "prompt_tokens",
-                       "apply_chat_template", "render"})
-
-
-class PooledEngine:
-    """An Engine whose requests take turns: at most ``slots`` run at once, the rest queue (FIFO).
-
-    Everything else (attributes, tokenization) passes through to the loaded engine; ``close()``
-    releases the lease instead of unloading, since other callers share the model.
-    """
-
-    def __init__(self, pool: ModelPool, entry: _Entry, lease: Lease, timeout: float | None) -> None:
-        self._pool, self._entry, self._lease, self._timeout = pool, entry, lease, timeout
-
-    @property
-    def raw(self) -> Engine:
-        """The backend's engine itself (bypasses the queue: only for code that serialises on its own)."""
-        engine = self._entry.engine
-        if engine is None or self._entry.state != "ready":
-            raise EngineClosed(f"{self._entry.path.name} was unloaded from the pool")
-        return engine
-
-    # Engine protocol
-    @property
-    def name(self) -> str:
-        return self.raw.name
-
-    @property
-    def model_path(self) -> Path:
-        return self.raw.model_path
-
-    @property
-    def capabilities(self) -> Any:
-        return self.raw.capabilities
-
-    @property
-    def context_length(self) -> int:
-        return self.raw.context_length
-
-    def generate(self, request: GenerationRequest) -> Completion:
-        token = self._pool._turn(self._entry, self._timeout)
-        try:
-            return self.raw.generate(request)
-        finally:
-            self._pool._end_turn(self._entry, token)
-
-    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        """Takes the turn now (so QueueFull/QueueTimeout raise here) and keeps it until the stream ends."""
-        token = self._pool._turn(self._entry, self._timeout)
-        try:
-            inner = self.raw.stream(request)
-        except BaseException:
-            self._pool._end_turn(self._entry, token)
-            raise
-        return _TurnStream(self._pool, self._entry, token, inner)
-
-    def embed(self, texts: list[str], **options: Any) -> list[list[float]]:
-        """Embeddings take a turn like generation (velollm.embeddings checks ``capabilities.embeddings`` first)."""
-        token = self._pool._turn(self._entry, self._timeout)
-        try:
-            return self.raw.embed(texts, **options)  # type: ignore[attr-defined]
-        finally:
-            self._pool._end_turn(self._entry, token)
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        return self.raw.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.raw.detokenize(tokens)
-
-    def close(self) -> None:
-        self._lease.release()
-
-    def __getattr__(self, name: str) -> Any:
-        """Other attributes of the backend's engine; its other public methods (``embed``...) take a
-        turn too, since they run the model. Cheap read-only helpers pass straight through."""
-        if name.startswith("__") or name in ("_pool", "_entry", "_lease", "_timeout"):
-            raise AttributeError(name)
-        value = getattr(self.raw, name)
-        if name.startswith("_") or name in _UNQUEUED or not callable(value) or isinstance(value, type):
-            return value
-
-        @functools.wraps(value)
-        def queued(*args: Any, **kwargs: Any) -> Any:
-            token = self._pool._turn(self._entry, self._timeout)
-            try:
-                return value(*args, **kwargs)
-            finally:
-                self._pool._end_turn(self._entry, token)
-
-        return queued
-
-    def __repr__(self) -> str:
-        return f"<PooledEngine {self._entry.path.name} on {self._entry.backend or '?'} ({self._entry.state})>"
-
-
-class _TurnStream:
-    """A stream that gives its turn back when exhausted, closed, failed or garbage-collected."""
-
-    def __init__(self, pool: ModelPool, entry: _Entry, token: int, inner: Iterator[Chunk]) -> None:
-        self._pool, self._entry, self._token, self._inner = pool, entry, token, inner
-        self._done = False
-
-    def __iter__(self) -> _TurnStream:
-        return self
-
-    def __next__(self) -> Chunk:
-        if self._done:
-            raise StopIteration
-        try:
-            return next(self._inner)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._pool._end_turn(self._entry, self._token)
-
-    def __del__(self) -> None:
-        if not getattr(self, "_done", True):
-            self._done = True
-            with contextlib.suppress(Exception):
-                close = getattr(self._inner, "close", None)
-                if close is not None:
-                    close()
-            self._pool._defer("turn", self._entry, self._token)
 
 
 # --- the process-wide pool -----------------------------------------------------------------------

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from velollm.errors import InvalidRequest, UnsupportedFeature
-from velollm.speculative.draft import DraftModel, VocabSummary, check_compatible
-from velollm.speculative.speculator import DEFAULT_MAX_GAMMA, MODES, Mode, Speculator
+from velollm.plugins.llamacpp.speculative.draft import DraftModel, VocabSummary, check_compatible
+from velollm.plugins.llamacpp.speculative.speculator import DEFAULT_MAX_GAMMA, MODES, Mode, Speculator
 
 if TYPE_CHECKING:
     from velollm.engine import GenerationRequest, LoadOptions

@@ -22,7 +22,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from velollm.adapters.lm15_convert import velollm_cause
+from velollm.adapters.dspy.lm15 import velollm_cause
 
 logger = logging.getLogger("velollm.adapters")
 

@@ -1,4 +1,4 @@
-"""Built-in plugin: ``velollm bench``, vanilla vs speculative decoding on this machine (:mod:`velollm.bench`)."""
+"""``velollm bench``: vanilla vs speculative decoding on this machine (:mod:`velollm.plugins.llamacpp.bench`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from velollm.hookspecs import hookimpl
 
 
 def bench(
@@ -34,11 +32,11 @@ def bench(
     """Vanilla vs speculative decoding, interleaved in one run: tok/s, TTFT, total, speedup ± σ, acceptance."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from velollm import bench as benchmod
     from velollm.cli import err, out
     from velollm.engine import LoadOptions
     from velollm.errors import InvalidRequest
     from velollm.loading import load_engine
+    from velollm.plugins.llamacpp import bench as benchmod
 
     if mode not in ("auto", "draft", "lookup"):
         raise InvalidRequest(f"--mode must be auto, draft or lookup, not {mode!r}")
@@ -113,7 +111,3 @@ def print_report(report: Any, console: Any) -> None:
     for category, ratio in report.summary.by_category.items():
         console.print(f"  {category}: {ratio}")
 
-
-@hookimpl
-def register_commands(cli: Any) -> None:
-    cli.command("bench")(bench)

@@ -7,12 +7,12 @@ shell, and a change in either vocabulary is a change in one file.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from dspy import lm15
 
+from velollm import openai_wire
 from velollm.engine import Chunk, Completion, GenerationRequest
 from velollm.errors import (
     BackendNotFound,
@@ -86,7 +86,7 @@ def _usage(completion_usage: Any) -> lm15.Usage:
 
 
 def new_id() -> str:
-    return f"velollm-{uuid.uuid4().hex[:16]}"
+    return openai_wire.new_id("velollm")
 
 
 def to_response(completion: Completion, model: str, *, provider_data: dict[str, Any] | None = None) -> lm15.Response:

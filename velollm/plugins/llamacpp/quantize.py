@@ -2,7 +2,7 @@
 
 llama.cpp's quantizer fails late and vaguely: an unknown type, an already-quantized source or a
 very-low-bit type without an importance matrix each surface as "failed to quantize" after part of
-the output was written. velollm checks all of that first (with :func:`velollm.gguf_info.inspect`),
+the output was written. velollm checks all of that first (with :func:`velollm.gguf.info.inspect`),
 writes to a hidden temporary file next to the output and renames it only on success, so a
 failure never leaves a partial model under the name the user asked for.
 """
@@ -20,7 +20,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from velollm import gguf_info
 from velollm.errors import (
     InvalidModelFile,
     OutputExists,
@@ -28,6 +27,7 @@ from velollm.errors import (
     RequantizeRefused,
     UnknownQuantType,
 )
+from velollm.gguf import info as gguf_info
 
 #: Called with (source bytes processed, source bytes in all) while the quantizer runs.
 Progress = Callable[[int, int], None]
@@ -155,9 +155,9 @@ def check(source: str | os.PathLike[str], output: str | os.PathLike[str], type_n
           allow_requantize: bool = False) -> tuple[gguf_info.ModelInfo, QuantType, Path]:
     """Every check that can fail before llama.cpp runs; returns (source info, type, output path)."""
     qtype = quant_type(type_name)
-    from velollm import models
+    from velollm.loading import resolve
 
-    info = gguf_info.inspect(models.resolve(str(source), download=False).path)
+    info = gguf_info.inspect(resolve(str(source), download=False).path)
     out = Path(output).expanduser()
     if out.exists() and out.resolve() == info.path.resolve():
         raise OutputExists(f"the output {out} is the source file itself; choose another output path")
@@ -190,7 +190,7 @@ def quantize(source: str | os.PathLike[str], output: str | os.PathLike[str], typ
     """Write ``source`` quantized to ``type_name`` at ``output``; only a finished, readable file appears there."""
     import llama_cpp
 
-    from velollm.plugins import llamacpp_log
+    from velollm.plugins.llamacpp import log as llamacpp_log
 
     info, qtype, out = check(source, output, type_name, force=force, allow_requantize=allow_requantize)
     if threads is not None and threads < 1:

@@ -1,6 +1,6 @@
 """Speculative decoding for one llama.cpp model: plan a draft, verify it in one batch, keep the agreed part.
 
-Every step the cost model (:mod:`velollm.speculative.costmodel`) weighs each offered drafter
+Every step the cost model (:mod:`velollm.plugins.llamacpp.speculative.costmodel`) weighs each offered drafter
 against plain decoding, using the batch-cost table measured at load and the acceptance it has
 seen. Prompt lookup's acceptance is learnt for free: every proposal it makes is checked against
 the tokens that actually follow, whether or not it was used. Verification keeps a draft token only
@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from velollm.plugins.llamacpp_runner import LlamaRunner
-from velollm.speculative.costmodel import (
+from velollm.plugins.llamacpp.runner import LlamaRunner
+from velollm.plugins.llamacpp.speculative.costmodel import (
     PLAIN,
     AcceptanceModel,
     Choice,
@@ -27,8 +27,8 @@ from velollm.speculative.costmodel import (
     measure_batch_costs,
     paired_ratio,
 )
-from velollm.speculative.draft import DraftModel
-from velollm.speculative.lookup import PromptLookup
+from velollm.plugins.llamacpp.speculative.draft import DraftModel
+from velollm.plugins.llamacpp.speculative.lookup import PromptLookup
 
 Mode = Literal["auto", "draft", "lookup", "off"]
 MODES: tuple[str, ...] = ("auto", "draft", "lookup", "off")

@@ -1,7 +1,6 @@
-"""The llama.cpp backend plugin (llama-cpp-python): ``llamacpp-cpu|cuda|vulkan|metal``.
+"""The llama.cpp engine: one loaded ``Llama`` behind velollm's Engine protocol.
 
-All four are the same code; they differ in which ggml backend must be compiled in (and have a
-device) and in how many layers they may offload. The engine renders chat templates itself
+The engine renders chat templates itself
 (:mod:`velollm.chat_templates`), streams text through :mod:`velollm.textstream`, validates
 every grammar before llama.cpp sees it (an invalid GBNF grammar segfaults the process), and
 lets one thread at a time into a ``Llama``.
@@ -10,16 +9,13 @@ lets one thread at a time into a ``Llama``.
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import random
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from velollm import gguf_info
 from velollm.chat_templates import ChatTemplate
 from velollm.engine import (
     Capabilities,
@@ -39,66 +35,13 @@ from velollm.errors import (
     InvalidModelFile,
     InvalidRequest,
 )
-from velollm.hookspecs import hookimpl
-from velollm.plugins import llamacpp_log
-from velollm.plugins.ggml_registry import GgmlRegistry, availability, read_registry
+from velollm.gguf import info as gguf_info
+from velollm.plugins.llamacpp import log as llamacpp_log
 from velollm.textstream import TokenTextStream
 
-if TYPE_CHECKING:
-    from velollm.hardware import HardwareProbe
 
-KINDS = ("cpu", "cuda", "vulkan", "metal")
-
-
-@functools.lru_cache(maxsize=1)
-def supported_architectures() -> frozenset[str]:
-    """Architectures llama.cpp knows: the ``gguf`` package mirrors llama.cpp's list."""
-    import gguf
-
-    return frozenset(gguf.MODEL_ARCH_NAMES.values())
-
-
-def registry_from_probe(probe: HardwareProbe) -> GgmlRegistry:
-    """The probe's ggml section when it has one (tests inject machines this way), else the live one."""
-    data = probe.extras.get("ggml")
-    return GgmlRegistry.model_validate(data) if data is not None else read_registry()
-
-
-def _is_greedy(request: GenerationRequest) -> bool:
-    """Plain argmax decoding: no temperature and no penalties that depend on history."""
-    return (request.temperature == 0 and request.repeat_penalty == 1
-            and not request.frequency_penalty and not request.presence_penalty)
-
-
-class LlamaCppBackend:
-    """One ggml device kind of llama.cpp."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.name = f"llamacpp-{kind}"
-        self.architectures = supported_architectures()
-
-    def available(self, probe: HardwareProbe) -> tuple[bool, str]:
-        return availability(self.kind, registry_from_probe(probe))
-
-    def devices(self, probe: HardwareProbe) -> list[Any]:
-        """The ggml devices placement may offload layers to (see :mod:`velollm.pool.placement`)."""
-        from velollm.pool.placement import Device
-
-        if self.kind == "cpu":
-            return []
-        apple = self.kind == "metal" and probe.cpu.arch != "x86_64"  # Apple Silicon: the GPU shares RAM
-        return [Device(id=d.name, name=d.description or d.name, total_bytes=d.total_bytes, free_bytes=d.free_bytes,
-                       unified_memory=apple or d.type == "igpu")
-                for d in registry_from_probe(probe).devices_of(self.kind)]
-
-    def load(self, model_file: Path, options: LoadOptions) -> LlamaCppEngine:
-        info = gguf_info.inspect(model_file)
-        gguf_info.validate_for(info, self.name, self.architectures)
-        return LlamaCppEngine.open(info, options, backend=self.name, offload=self.kind != "cpu")
-
-
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Physical cores (llama.cpp's and Ollama's default): hyper-threads only add spin-waiting."""
     try:
         import psutil
 
@@ -107,6 +50,12 @@ def _default_threads() -> int:
         import os
 
         return os.cpu_count() or 1
+
+
+def is_greedy(request: GenerationRequest) -> bool:
+    """Plain argmax decoding: no temperature and no penalties that depend on history."""
+    return (request.temperature == 0 and request.repeat_penalty == 1
+            and not request.frequency_penalty and not request.presence_penalty)
 
 
 class LlamaCppEngine:
@@ -130,8 +79,8 @@ class LlamaCppEngine:
         self._vocab = llama._model.vocab
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
-        self._speculator: Any = None  # velollm.speculative.Speculator when speculative decoding is configured
-        self._runner: Any = None  # velollm.plugins.llamacpp_runner.LlamaRunner, made on the first constrained request
+        self._speculator: Any = None  # a speculative.Speculator when speculative decoding is configured
+        self._runner: Any = None  # velollm.plugins.llamacpp.runner.LlamaRunner, made on the first constrained request
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
         probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
         self.template = ChatTemplate.for_model(
@@ -145,10 +94,10 @@ class LlamaCppEngine:
 
         kwargs: dict[str, Any] = dict(
             n_ctx=options.n_ctx or min(info.context_length or 4096, 4096),
-            n_threads=options.n_threads or _default_threads(),
+            n_threads=options.n_threads or default_threads(),
             # llama-cpp-python defaults prompt threads to cpu_count(), ignoring n_threads (llama.cpp
             # itself uses n_threads): on a busy 2-core machine that made prefill ~6x slower
-            n_threads_batch=options.n_threads or _default_threads(),
+            n_threads_batch=options.n_threads or default_threads(),
             n_gpu_layers=options.n_gpu_layers if offload else 0,
             use_mmap=options.use_mmap,
             use_mlock=options.use_mlock,
@@ -160,12 +109,12 @@ class LlamaCppEngine:
         if options.seed is not None:
             kwargs["seed"] = options.seed
         if options.speculative is not None or options.draft_model or options.prompt_lookup:
-            from velollm import speculative
+            from velollm.plugins.llamacpp import speculative
 
             speculative.plan(options)  # bad speculative options fail before the model loads
         kwargs.update(options.extra)
-        if kwargs.get("embedding"):  # pooling and batch sizes for embeddings: velollm.plugins.llamacpp_embed
-            from velollm.plugins import llamacpp_embed
+        if kwargs.get("embedding"):  # pooling and batch sizes for embeddings: velollm.plugins.llamacpp.embed
+            from velollm.plugins.llamacpp import embed as llamacpp_embed
 
             kwargs = llamacpp_embed.load_kwargs(info, kwargs)
         try:
@@ -183,8 +132,10 @@ class LlamaCppEngine:
         return engine
 
     def _attach_speculator(self) -> None:
-        """Speculative decoding (:mod:`velollm.speculative`); a draft model loads on this engine's backend."""
-        from velollm import models, speculative
+        """Speculative decoding (:mod:`.speculative`); a draft model loads on this engine's backend."""
+        from velollm.loading import resolve
+        from velollm.plugins.llamacpp import speculative
+        from velollm.plugins.llamacpp.backend import LlamaCppBackend
 
         opts = self.options
         draft_options = LoadOptions(n_ctx=self.context_length, n_threads=self._llama.n_threads,
@@ -193,7 +144,7 @@ class LlamaCppEngine:
         backend = LlamaCppBackend(self.backend.removeprefix("llamacpp-"))
 
         def load_draft(ref: str) -> LlamaCppEngine:
-            return backend.load(models.resolve(ref).path, draft_options)
+            return backend.load(resolve(ref).path, draft_options)
 
         try:
             self._speculator = speculative.attach(self._llama, self.name, opts, load_draft)
@@ -299,7 +250,7 @@ class LlamaCppEngine:
         grammar = self.grammar_for(request)
         mode = "off"
         if self._speculator is not None or "speculative" in request.extra:
-            from velollm.speculative import request_mode
+            from velollm.plugins.llamacpp.speculative import request_mode
 
             mode = request_mode(self._speculator, request)
         return self._run(request, prompt, grammar, mode)
@@ -328,12 +279,12 @@ class LlamaCppEngine:
     def _grammar_groups(self, request: GenerationRequest, grammar: Any, prompt: list[int],
                         max_new: int) -> Iterator[list[int]]:
         """Constrained decoding that asks the grammar about the chosen token only (:mod:`llamacpp_grammar`)."""
-        from velollm.plugins.llamacpp_grammar import grammar_tokens
-        from velollm.plugins.llamacpp_runner import LlamaRunner
+        from velollm.plugins.llamacpp.grammar import grammar_tokens
+        from velollm.plugins.llamacpp.runner import LlamaRunner
 
         if self._runner is None:
             self._runner = LlamaRunner(self._llama)
-        chain = None if _is_greedy(request) else self._llama._init_sampler(
+        chain = None if is_greedy(request) else self._llama._init_sampler(
             top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
             repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty, grammar=None,
@@ -343,11 +294,11 @@ class LlamaCppEngine:
 
     def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any,
                             max_new: int) -> Iterator[list[int]]:
-        """Verified groups from the speculator (:mod:`velollm.speculative`)."""
-        from velollm.speculative.speculator import ChainPicker, GreedyPicker
+        """Verified groups from the speculator (:mod:`velollm.plugins.llamacpp.speculative`)."""
+        from velollm.plugins.llamacpp.speculative.speculator import ChainPicker, GreedyPicker
 
         spec = self._speculator
-        if grammar is None and _is_greedy(request):
+        if grammar is None and is_greedy(request):
             pick: Any = GreedyPicker(spec.runner)
         else:
             pick = ChainPicker(spec.runner, self._llama._init_sampler(
@@ -412,7 +363,7 @@ class LlamaCppEngine:
     # --- embeddings -------------------------------------------------------------------------
     def embed(self, texts: list[str], *, normalize: bool = True, truncate: bool = False) -> list[list[float]]:
         """One vector per text; needs an engine loaded with ``extra={"embedding": True}``."""
-        from velollm.plugins import llamacpp_embed
+        from velollm.plugins.llamacpp import embed as llamacpp_embed
 
         return llamacpp_embed.embed(self, texts, normalize=normalize, truncate=truncate)
 
@@ -443,15 +394,3 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises bare Exceptions, KeyErrors... on odd schemas
         raise GrammarError(f"cannot turn this JSON schema into a grammar: {type(exc).__name__}: {exc}") from None
-
-
-# --- plugin hooks ---------------------------------------------------------------------------
-@hookimpl
-def register_backends(register: Any) -> None:
-    for kind in KINDS:
-        register(LlamaCppBackend(kind))
-
-
-@hookimpl
-def collect_hardware_facts() -> dict[str, Any]:
-    return {"ggml": read_registry().model_dump()}

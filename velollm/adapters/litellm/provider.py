@@ -5,7 +5,7 @@ litellm, and streams through ``acompletion(stream=True)``). ``<model>`` is any r
 pool accepts: a catalogue name, a path, ``hf:...`` or ``remote:http://host:8000/v1#name``.
 
 Engines come from the process-wide pool; parameters go through the shared OpenAI mapping
-(:mod:`velollm.adapters.openai_compat`); velollm errors become litellm's exception types so
+(:mod:`velollm.openai_wire`); velollm errors become litellm's exception types so
 that retry logic in user code (and litellm's own ``num_retries``) retries only what can
 succeed on a second try. Async calls generate in a worker thread; cancelling the task stops
 generation at the next token and frees the engine.
@@ -16,14 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import litellm
 from litellm import CustomLLM
 from litellm.types.utils import Choices, GenericStreamingChunk, Message, ModelResponse
 
-from velollm.adapters import openai_compat
-from velollm.adapters.streams import LeasedStream, acollect, collect_choices, open_leased, start_stream
+from velollm import openai_wire
 from velollm.engine import Chunk
 from velollm.errors import (
     AuthenticationFailed,
@@ -42,8 +42,18 @@ from velollm.errors import (
     UnsupportedFeature,
     VeloError,
 )
+from velollm.pool.streams import LeasedStream, acollect, collect_choices, open_leased, start_stream
 
 PROVIDER = "velollm"
+
+
+@contextmanager
+def litellm_errors(model: str) -> Iterator[None]:
+    """velollm's typed errors as litellm's exception types, for the block (sync or async code)."""
+    try:
+        yield
+    except VeloError as exc:
+        raise to_litellm_error(exc, model) from exc
 
 
 def to_litellm_error(exc: VeloError, model: str) -> Exception:
@@ -73,10 +83,10 @@ def to_litellm_error(exc: VeloError, model: str) -> Exception:
     return litellm.APIError(status_code=500, **kw)
 
 
-def _parse(model: str, messages: list[Any], optional_params: dict[str, Any]) -> openai_compat.ParsedRequest:
+def _parse(model: str, messages: list[Any], optional_params: dict[str, Any]) -> openai_wire.ParsedRequest:
     params = {k: v for k, v in optional_params.items() if v is not None}
     params["messages"] = messages
-    return openai_compat.parse_chat(params, strict=False)
+    return openai_wire.parse_chat(params, strict=False)
 
 
 def _fill(response: ModelResponse, model: str, completions: list[Any]) -> ModelResponse:
@@ -84,7 +94,7 @@ def _fill(response: ModelResponse, model: str, completions: list[Any]) -> ModelR
         Choices(index=i, finish_reason=c.finish_reason, message=Message(role="assistant", content=c.text))
         for i, c in enumerate(completions)
     ]
-    usage = openai_compat.total_usage(completions)
+    usage = openai_wire.total_usage(completions)
     response.usage = litellm.Usage(**usage)  # type: ignore[attr-defined]
     response.model = model
     response.created = int(time.time())
@@ -94,7 +104,7 @@ def _fill(response: ModelResponse, model: str, completions: list[Any]) -> ModelR
 def _generic(chunk: Chunk) -> GenericStreamingChunk:
     usage = None
     if chunk.usage is not None:
-        usage = openai_compat.usage_dict(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        usage = openai_wire.usage_dict(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
     return GenericStreamingChunk(
         text=chunk.text, is_finished=chunk.finish_reason is not None, finish_reason=chunk.finish_reason or "",
         usage=usage, index=0, tool_use=None,
@@ -118,68 +128,56 @@ class VeloLLMProvider(CustomLLM):
 
     # --- plumbing shared by the four entry points -----------------------------------------
     def _prepare(self, model: str, messages: list[Any], optional_params: dict[str, Any],
-                 stream: bool) -> openai_compat.ParsedRequest:
+                 stream: bool) -> openai_wire.ParsedRequest:
         parsed = _parse(model, messages, optional_params)
         if stream and parsed.n > 1:
             raise UnsupportedFeature("n > 1 with stream=True is not supported by the litellm provider")
         return parsed
 
-    def _open(self, model: str, parsed: openai_compat.ParsedRequest) -> LeasedStream:
-        return open_leased(self.pool, model, parsed.requests(), parsed.load_options, openai_compat.check_for_engine)
+    def _open(self, model: str, parsed: openai_wire.ParsedRequest) -> LeasedStream:
+        return open_leased(self.pool, model, parsed.requests(), parsed.load_options, openai_wire.check_for_engine)
 
     # --- litellm's entry points ---------------------------------------------------------
     def completion(self, model: str, messages: list[Any], model_response: ModelResponse,
                    optional_params: dict[str, Any], **kwargs: Any) -> ModelResponse:
-        try:
+        with litellm_errors(model):
             parsed = self._prepare(model, messages, optional_params, stream=False)
             with self._open(model, parsed) as stream:
                 completions = collect_choices(stream, parsed.n, model)
-        except VeloError as exc:
-            raise to_litellm_error(exc, model) from exc
         return _fill(model_response, model, completions)
 
     def streaming(self, model: str, messages: list[Any], model_response: ModelResponse,
                   optional_params: dict[str, Any], **kwargs: Any) -> Iterator[GenericStreamingChunk]:
-        try:
+        with litellm_errors(model):
             parsed = self._prepare(model, messages, optional_params, stream=True)
             stream = self._open(model, parsed)  # load, queue and validate now: errors before any chunk
-        except VeloError as exc:
-            raise to_litellm_error(exc, model) from exc
         return _sync_chunks(stream, model)
 
     async def acompletion(self, model: str, messages: list[Any], model_response: ModelResponse,
                           optional_params: dict[str, Any], **kwargs: Any) -> ModelResponse:
-        try:
+        with litellm_errors(model):
             parsed = self._prepare(model, messages, optional_params, stream=False)
             stream = await start_stream(lambda: self._open(model, parsed))
             completions = await acollect(stream, parsed.n, model)
-        except VeloError as exc:
-            raise to_litellm_error(exc, model) from exc
         return _fill(model_response, model, completions)
 
     async def astreaming(self, model: str, messages: list[Any], model_response: ModelResponse,
                          optional_params: dict[str, Any], **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:
-        try:
+        with litellm_errors(model):
             parsed = self._prepare(model, messages, optional_params, stream=True)
             stream = await start_stream(lambda: self._open(model, parsed))
-        except VeloError as exc:
-            raise to_litellm_error(exc, model) from exc
         async with stream:
-            try:
+            with litellm_errors(model):
                 async for _, chunk in stream:
                     yield _generic(chunk)
-            except VeloError as exc:
-                raise to_litellm_error(exc, model) from exc
 
     # --- embeddings (velollm.embeddings) ------------------------------------------------------
     def embedding(self, model: str, input: Any, model_response: Any, optional_params: dict[str, Any] | None = None,
                   **kwargs: Any) -> Any:
         from velollm.embeddings import litellm_embedding
 
-        try:
+        with litellm_errors(model):
             return litellm_embedding(self.pool, model, input, model_response, optional_params)
-        except VeloError as exc:
-            raise to_litellm_error(exc, model) from exc
 
     async def aembedding(self, model: str, input: Any, model_response: Any,
                          optional_params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
@@ -189,12 +187,9 @@ class VeloLLMProvider(CustomLLM):
 
 
 def _sync_chunks(stream: LeasedStream, model: str) -> Iterator[GenericStreamingChunk]:
-    with stream:
-        try:
-            for _, chunk in stream:
-                yield _generic(chunk)
-        except VeloError as exc:
-            raise to_litellm_error(exc, model) from exc
+    with stream, litellm_errors(model):
+        for _, chunk in stream:
+            yield _generic(chunk)
 
 
 _registered: VeloLLMProvider | None = None
@@ -205,7 +200,7 @@ def register_litellm(pool: Any = None) -> VeloLLMProvider:
     """Make ``velollm/<model>`` a litellm provider (idempotent; returns the handler).
 
     Importing velollm already does this once litellm is imported (see
-    :mod:`velollm.adapters.litellm_autoregister`); call it yourself to use a specific pool
+    :mod:`velollm.adapters.litellm.autoregister`); call it yourself to use a specific pool
     (``None``: the process-wide one) or after turning auto-registration off.
     """
     global _registered
@@ -225,7 +220,7 @@ def register_litellm(pool: Any = None) -> VeloLLMProvider:
 def _register_on_import() -> None:
     """Importing this module imports litellm; when that import is the first one, the import hook
     fires while this module is half-built and cannot register — so register here instead."""
-    from velollm.adapters.litellm_autoregister import enabled
+    from velollm.adapters.litellm.autoregister import enabled
 
     if enabled():
         register_litellm()

@@ -323,9 +323,14 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def total_usage(completions: list[Completion], prompts: int = 1) -> dict[str, int]:
     """OpenAI counts each distinct prompt once and every generated token."""
-    per_prompt = len(completions) // max(prompts, 1) or 1
-    prompt_tokens = sum(c.usage.prompt_tokens for c in completions[::per_prompt])
-    return usage_dict(prompt_tokens, sum(c.usage.completion_tokens for c in completions))
+    return sum_usage([c.usage for c in completions], prompts)
+
+
+def sum_usage(usages: list[Usage], prompts: int = 1) -> dict[str, int]:
+    """Usage of ``n`` choices per prompt: each distinct prompt once, every generated token."""
+    per_prompt = len(usages) // max(prompts, 1) or 1
+    prompt_tokens = sum(u.prompt_tokens for u in usages[::per_prompt])
+    return usage_dict(prompt_tokens, sum(u.completion_tokens for u in usages))
 
 
 def chat_completion(completions: list[Completion], model: str, *, id: str | None = None) -> dict[str, Any]:

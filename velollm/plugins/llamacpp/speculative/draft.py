@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from velollm.errors import IncompatibleDraftModel
-from velollm.plugins.llamacpp_runner import LlamaRunner
+from velollm.plugins.llamacpp.runner import LlamaRunner
 
 #: llama.cpp's own speculative example tolerates this much difference in vocabulary size (padding).
 MAX_VOCAB_SIZE_DIFFERENCE = 128

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from velollm.gguf_info import ModelInfo
+from velollm.gguf.info import ModelInfo
 
 
 def tensor_report(info: ModelInfo) -> dict[str, Any]:

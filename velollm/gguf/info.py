@@ -23,7 +23,7 @@ from velollm.errors import (
     TruncatedModelFile,
     UnsupportedArchitecture,
 )
-from velollm.gguf_header import ArrayRef, HeaderError, read_header
+from velollm.gguf.header import ArrayRef, HeaderError, read_header
 
 GGUF_MAGIC = b"GGUF"
 _LAYER = re.compile(r"^blk\.(\d+)\.")

@@ -19,11 +19,10 @@ from typing import Any
 
 import dspy
 from dspy import lm15
-from pydantic import ValidationError
 
-from velollm.adapters import lm15_convert
+from velollm.adapters.dspy import lm15 as lm15_convert
 from velollm.engine import Capabilities, Completion, Engine, GenerationRequest, LoadOptions
-from velollm.errors import GrammarError, InvalidRequest, ModelNotFound, VeloError
+from velollm.errors import GrammarError, VeloError, validated
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +38,9 @@ SUPPORTED_PARAMS = frozenset({
 
 def check_ref(ref: str) -> None:
     """Fail at construction, not at the first call, when no model source understands ``ref``."""
-    from velollm.host import get_host
+    from velollm.loading import find_source
 
-    if not ref.strip():
-        raise ModelNotFound("empty model reference")
-    if not any(source.handles(ref) for source in get_host().model_sources()):
-        raise ModelNotFound(f"unknown model {ref!r}: not a file, not an hf: reference, not in the catalogue")
+    find_source(ref)
 
 
 class PoolEngine:
@@ -190,7 +186,7 @@ class AsyncPoolEngine:
         return await asyncio.to_thread(self.sync.complete, request)
 
     async def stream(self, request: lm15.Request) -> AsyncIterator[Any]:
-        from velollm.adapters.streams import start_stream
+        from velollm.pool.streams import start_stream
 
         events = await start_stream(lambda: self.sync.stream(request))
         async with events:  # leaving early stops generation between two tokens
@@ -244,10 +240,7 @@ class LM(dspy.LM):
                 options["n_ctx"] = n_ctx
             if n_threads is not None:
                 options["n_threads"] = n_threads
-            try:
-                LoadOptions(**options)
-            except ValidationError as exc:
-                raise InvalidRequest(f"invalid load options for {ref!r}: {exc.errors()[0]['msg']}") from None
+            validated(LoadOptions, options, f"load options for {ref!r}")
             engine = PoolEngine(ref, backend=backend, load_options=options, structured_outputs=structured_outputs)
             async_engine = AsyncPoolEngine(engine)
         super().__init__(PREFIX + ref, engine=engine, async_engine=async_engine, temperature=temperature,

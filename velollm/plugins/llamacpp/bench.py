@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from velollm.engine import Completion, Engine, GenerationRequest
 from velollm.errors import InvalidRequest, UnsupportedFeature
 
-SCHEMA = "velollm.bench/1"
+SCHEMA = "velollm.plugins.llamacpp.bench/1"
 
 
 # --- statistics ---------------------------------------------------------------------------------

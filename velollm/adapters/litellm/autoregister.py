@@ -28,11 +28,11 @@ def enabled() -> bool:
 
 
 def _register_quietly() -> None:
-    provider = sys.modules.get("velollm.adapters.litellm_provider")
+    provider = sys.modules.get("velollm.adapters.litellm.provider")
     if provider is not None and not hasattr(provider, "register_litellm"):
         return  # that module is importing litellm right now and registers when it is done
     try:
-        from velollm.adapters.litellm_provider import register_litellm
+        from velollm.adapters.litellm.provider import register_litellm
 
         register_litellm()
     except Exception as exc:  # never break the user's import of litellm

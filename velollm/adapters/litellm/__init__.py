@@ -1,0 +1,1 @@
+"""velollm as a litellm provider (``velollm/<model>``), registered automatically when litellm is imported."""
