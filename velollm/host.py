@@ -103,7 +103,7 @@ class Host:
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
         self._records: dict[str, PluginRecord] = {}
-        self._lock = threading.RLock()
+        self._mutex = threading.RLock()
         self._backends: dict[str, Backend] | None = None
         self._sources: list[ModelSource] | None = None
         env = os.environ if env is None else env
@@ -154,7 +154,7 @@ class Host:
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__qualname__
         record = record or PluginRecord(name, module, builtin)
-        with self._lock:
+        with self._mutex:
             if name in self._disabled:
                 return False
             try:
@@ -175,7 +175,7 @@ class Host:
             return True
 
     def unregister(self, name: str) -> None:
-        with self._lock:
+        with self._mutex:
             self.pm.unregister(name=name)
             self._records.pop(name, None)
             self._backends = None
@@ -235,7 +235,7 @@ class Host:
     # --- typed facade -----------------------------------------------------------------------
     def backends(self) -> dict[str, Backend]:
         """All registered backends by name."""
-        with self._lock:
+        with self._mutex:
             if self._backends is None:
                 found = self._collect("register_backends", lambda b: str(b.name), "backend")
                 for plugin, backend in found.values():
@@ -254,7 +254,7 @@ class Host:
 
     def model_sources(self) -> list[ModelSource]:
         """All registered model sources, most specific first (lower ``priority`` first)."""
-        with self._lock:
+        with self._mutex:
             if self._sources is None:
                 found = self._collect("register_model_sources", lambda s: str(s.name), "model source")
                 for plugin, source in found.values():
@@ -277,7 +277,7 @@ class Host:
         """Every plugin seen, loaded or failed, with what it registered."""
         self.backends()
         self.model_sources()
-        with self._lock:
+        with self._mutex:
             return sorted(self._records.values(), key=lambda r: (not r.builtin, r.name))
 
     def plugin_names(self) -> list[str]:

@@ -265,7 +265,7 @@ class RemoteEngine:
         """One JSON request with retries; an error answer becomes the matching velollm error."""
         import httpx
 
-        self._check_open()
+        self._ensure_open()
         for attempt in self._retrying():
             with attempt:
                 try:
@@ -284,7 +284,7 @@ class RemoteEngine:
         """Send a streaming request; retried until the server starts answering, never after."""
         import httpx
 
-        self._check_open()
+        self._ensure_open()
         for attempt in self._retrying():
             with attempt:
                 try:
@@ -381,7 +381,7 @@ class RemoteEngine:
             raise UnsupportedFeature(f"{self.spec.root_url} has no /{path} endpoint ({exc})") from None
 
     # --- lifetime --------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _ensure_open(self) -> None:
         if self._closed:
             from velollm.errors import EngineClosed
 

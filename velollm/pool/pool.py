@@ -80,8 +80,8 @@ class ModelPool(TurnQueue):
         self.placement = dict(placement or {})
         self._probe_source = probe
         self._host = host
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._entries: dict[tuple[str, ...], _Entry] = {}
         self._deferred: deque[tuple[str, _Entry, int]] = deque()  # releases from __del__ (lock-free)
         self._reaper: threading.Thread | None = None

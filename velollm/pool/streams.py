@@ -36,7 +36,7 @@ class LeasedStream:
         self.engine = lease.engine
         self._requests = requests
         self._released = False
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
         try:
             self._first = self.engine.stream(requests[0])
         except BaseException:
@@ -82,7 +82,7 @@ class LeasedStream:
             self._release()
 
     def _release(self) -> None:
-        with self._lock:
+        with self._mutex:
             if self._released:
                 return
             self._released = True

@@ -67,11 +67,11 @@ class _Entry:
 
 
 class TurnQueue:
-    """The turn half of :class:`~velollm.pool.pool.ModelPool` (it owns ``_cond``, ``_lock``,
+    """The turn half of :class:`~velollm.pool.pool.ModelPool` (it owns ``_cond``, ``_mutex``,
     ``_deferred``, ``queue_size``, ``_settle`` and ``_close_all``)."""
 
     _cond: threading.Condition
-    _lock: threading.Lock
+    _mutex: threading.Lock
     _deferred: deque[tuple[str, _Entry, int]]
     queue_size: int
 
@@ -159,12 +159,12 @@ class TurnQueue:
 
     def _defer(self, kind: str, entry: _Entry, token: int = 0) -> None:
         """A release from a finalizer: never block there (the lock may be held by this very thread)."""
-        if self._lock.acquire(blocking=False):
+        if self._mutex.acquire(blocking=False):
             try:
                 victims = (self._end_turn_locked(entry, token) if kind == "turn"
                            else self._release_locked(entry))
             finally:
-                self._lock.release()
+                self._mutex.release()
             self._close_all(victims)
             return
         self._deferred.append((kind, entry, token))

@@ -57,7 +57,7 @@ class PoolEngine:
         self.structured_outputs = structured_outputs
         self.model = PREFIX + ref
         self._capabilities: Capabilities | None = None
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
 
     # --- pool seam ----------------------------------------------------------------------------
     def _acquire(self) -> Any:
@@ -76,7 +76,7 @@ class PoolEngine:
     def capabilities(self) -> Capabilities:
         """What the pooled engine can do (loads the model on first use)."""
         if self._capabilities is None:
-            with self._lock, self._errors():
+            with self._mutex, self._errors():
                 if self._capabilities is None:
                     lease = self._acquire()
                     try:

@@ -107,7 +107,7 @@ class NativeEngine:
         self.model_path = info.path
         self.capabilities = Capabilities(chat=True, streaming=True, grammar=False, json_schema=False,
                                          tokenize=True, logits=True)
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
         self._owner: int | None = None
         self._closed = False
         self._last_eog = False
@@ -167,11 +167,11 @@ class NativeEngine:
         return self.cache.n_ctx
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        self._check_open()
+        self._ensure_open()
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
-        self._check_open()
+        self._ensure_open()
         return self.tokenizer.decode(tokens)
 
     def token_text(self, token: int) -> str:
@@ -192,8 +192,8 @@ class NativeEngine:
         self._check_tokens(tokens)
         if positions is not None and any(not 0 <= p < len(tokens) for p in positions):
             raise InvalidRequest(f"positions must be in 0..{len(tokens) - 1}")
-        with self._lock, _blas_threads(self.threads):
-            self._check_open()
+        with self._mutex, _blas_threads(self.threads):
+            self._ensure_open()
             cache = KVCache(self.config, self.cache.n_ctx)
             if positions is not None:
                 return self._forward_chunks(list(tokens), cache, np.asarray(positions, dtype=np.int64))
@@ -205,8 +205,8 @@ class NativeEngine:
         shape (len(tokens), n_embd)."""
         self._check_tokens(tokens)
         hidden: list[np.ndarray] = []
-        with self._lock, _blas_threads(self.threads):
-            self._check_open()
+        with self._mutex, _blas_threads(self.threads):
+            self._ensure_open()
             cache = KVCache(self.config, self.cache.n_ctx)
             self.model.forward(list(tokens), cache, logits="none", hidden=hidden)
         return hidden
@@ -246,7 +246,7 @@ class NativeEngine:
         return collect_stream(self.stream(request), model=self.name)
 
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        self._check_open()
+        self._ensure_open()
         if self._owner == threading.get_ident():
             raise InvalidRequest("this thread is already generating on this engine (an unfinished stream?)")
         if request.grammar is not None or request.json_schema is not None:
@@ -260,7 +260,7 @@ class NativeEngine:
         return self._run(request, prompt, params)
 
     def _run(self, request: GenerationRequest, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
-        with self._lock:
+        with self._mutex:
             self._owner = threading.get_ident()
             try:
                 yield from self._decode(request, prompt, params)
@@ -294,7 +294,7 @@ class NativeEngine:
                     return
                 yield token
                 if n + 1 < max_new:
-                    self._check_open()
+                    self._ensure_open()
                     with _blas_threads(self.threads):
                         logits = self.model.forward([token], self.cache)[-1]  # type: ignore[index]
         except BaseException:
@@ -306,19 +306,19 @@ class NativeEngine:
                      ) -> list[int]:
         """Generated token ids for raw prompt ids (greedy unless ``sampling`` says otherwise): the
         id-level view researchers and parity checks need; stops at an end-of-generation token."""
-        self._check_open()
+        self._ensure_open()
         self._check_tokens(prompt)
         if len(prompt) >= self.context_length:
             raise ContextOverflow(
                 f"the prompt has {len(prompt)} tokens; the context window holds {self.context_length}")
         params = sampling or SamplingParams(temperature=0.0)
         budget = min(max_tokens, self.context_length - len(prompt))
-        with self._lock:
+        with self._mutex:
             self._last_eog = False
             return list(self._tokens(list(prompt), Sampler(params), budget))
 
     def _decode(self, request: GenerationRequest, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
-        self._check_open()
+        self._ensure_open()
         start = time.perf_counter()
         first: float | None = None
         budget = self.context_length - len(prompt)
@@ -353,13 +353,13 @@ class NativeEngine:
         )
 
     # --- lifetime ---------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _ensure_open(self) -> None:
         if self._closed:
             raise EngineClosed(f"engine for {self.name} is closed")
 
     def close(self) -> None:
         """Drop the weights and the cache; waits for a running generation to finish."""
-        with self._lock:
+        with self._mutex:
             if not self._closed:
                 self._closed = True
                 self.model = None  # type: ignore[assignment]  # drops the float32 weights it holds

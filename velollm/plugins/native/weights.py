@@ -87,7 +87,7 @@ class WeightStore:
         self._file = path.open("rb")
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
         self._f32: dict[str, np.ndarray] = {}
         self.streamed: set[str] = set()
         self.tensors: dict[str, Tensor] = {t.name: self._view(header, t) for t in header.tensors}
@@ -125,7 +125,7 @@ class WeightStore:
         arr = self._f32.get(key)
         if arr is not None or key in self.streamed:
             return arr
-        with self._lock:
+        with self._mutex:
             arr = self._f32.get(key)
             if arr is not None or key in self.streamed:
                 return arr
