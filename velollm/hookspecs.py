@@ -8,9 +8,21 @@ Every hook here is documented in ``docs/plugins.md``; a test keeps the two in st
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:
+    import typer
+
+    from velollm.engine import Backend
+    from velollm.models import ModelSource
+
+#: What ``register_backends`` receives: call it once per backend.
+RegisterBackend = Callable[["Backend"], None]
+#: What ``register_model_sources`` receives: call it once per model source.
+RegisterModelSource = Callable[["ModelSource"], None]
 
 PROJECT = "velollm"
 
@@ -19,7 +31,7 @@ hookimpl = HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_backends(register: Any) -> None:
+def register_backends(register: RegisterBackend) -> None:
     """Register backends: call ``register(backend)`` once per :class:`velollm.engine.Backend`.
 
     A backend's ``name`` must be unique across all plugins; a duplicate is reported and skipped.
@@ -27,7 +39,7 @@ def register_backends(register: Any) -> None:
 
 
 @hookspec
-def register_model_sources(register: Any) -> None:
+def register_model_sources(register: RegisterModelSource) -> None:
     """Register model sources: call ``register(source)`` once per
     :class:`velollm.models.ModelSource`, which turns a model reference into a local file.
     """
@@ -44,5 +56,5 @@ def collect_hardware_facts() -> dict[str, Any] | None:
 
 
 @hookspec
-def register_commands(cli: Any) -> None:
+def register_commands(cli: typer.Typer) -> None:
     """Add sub-commands to the ``velollm`` command line; ``cli`` is the root ``typer.Typer``."""
