@@ -120,6 +120,14 @@ class AuthenticationFailed(VeloError):
     """A server refused the credentials (a remote backend's API key, or the key sent to ``velollm serve``)."""
 
 
+class PermissionDenied(VeloError):
+    """The credentials are valid but may not do this (a ``user`` key asking ``velollm serve`` to load a model)."""
+
+
+class ConfigError(VeloError):
+    """A server config or keys file is invalid; the message names the file and line."""
+
+
 # --- pool ------------------------------------------------------------------------------------
 class PoolError(VeloError):
     """Base of pool failures."""

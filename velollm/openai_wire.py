@@ -28,6 +28,7 @@ from velollm.errors import (
     InvalidRequest,
     ModelNotFound,
     ModelSourceError,
+    PermissionDenied,
     QueueFull,
     QueueTimeout,
     RemoteUnavailable,
@@ -80,6 +81,8 @@ class ParsedRequest:
     include_usage: bool = False
     #: load options for the pool (a velollm extension: ``"load_options": {"n_ctx": 4096}``)
     load_options: dict[str, Any] = field(default_factory=dict)
+    #: seconds the model stays loaded after this request (Ollama's ``keep_alive``: 0 unloads, -1 keeps)
+    keep_alive: float | None = None
 
     def requests(self) -> list[GenerationRequest]:
         """One request per choice; with a seed, choice ``i`` uses ``seed + i`` so choices differ."""
@@ -237,6 +240,14 @@ def _load_options(params: Mapping[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
+def _keep_alive(params: Mapping[str, Any]) -> float | None:
+    """Ollama's per-request ``keep_alive``: seconds or a duration ("5m"); 0 unloads after the answer, -1 keeps."""
+    from velollm.pool.status import parse_keep_alive
+
+    value = params.get("keep_alive")
+    return None if value is None else parse_keep_alive(value)
+
+
 def _check_known(params: Mapping[str, Any], known: frozenset[str]) -> None:
     unknown = sorted(k for k in params if k not in known and k not in IGNORED and k not in UNSUPPORTED)
     if unknown:
@@ -244,7 +255,8 @@ def _check_known(params: Mapping[str, Any], known: frozenset[str]) -> None:
 
 
 _COMMON = frozenset({*_SAMPLING, "repeat_penalty", "repetition_penalty", "max_tokens", "max_completion_tokens",
-                     "stop", "response_format", "grammar", "n", "stream", "model", "load_options"})
+                     "stop", "response_format", "grammar", "n", "stream", "model", "load_options",
+                     "keep_alive"})
 CHAT_KEYS = _COMMON | {"messages"}
 COMPLETION_KEYS = _COMMON | {"prompt"}
 
@@ -266,7 +278,7 @@ def parse_chat(params: Mapping[str, Any], *, strict: bool = True) -> ParsedReque
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("'model' must be a string")
     return ParsedRequest(model=model, request=request, n=_n(params), stream=stream, include_usage=include_usage,
-                         load_options=_load_options(params))
+                         load_options=_load_options(params), keep_alive=_keep_alive(params))
 
 
 def parse_completion(params: Mapping[str, Any], *, strict: bool = True) -> list[ParsedRequest]:
@@ -288,11 +300,12 @@ def parse_completion(params: Mapping[str, Any], *, strict: bool = True) -> list[
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("'model' must be a string")
     n = _n(params)
+    keep_alive = _keep_alive(params)
     if len(prompts) * n > MAX_N:
         raise InvalidRequest(f"at most {MAX_N} completions per request ({len(prompts)} prompts x n={n})")
     return [
         ParsedRequest(model=model, request=GenerationRequest.of(prompt=p, **fields), n=n, stream=stream,
-                      include_usage=include_usage, load_options=_load_options(params))
+                      include_usage=include_usage, load_options=_load_options(params), keep_alive=keep_alive)
         for p in prompts
     ]
 
@@ -398,6 +411,7 @@ ERROR_TABLE: list[tuple[type[VeloError], int, str, str | None]] = [
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (InvalidModelFile, 400, "invalid_request_error", "invalid_model"),
     (AuthenticationFailed, 401, "invalid_request_error", "invalid_api_key"),
+    (PermissionDenied, 403, "permission_error", "permission_denied"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (QueueTimeout, 503, "server_error", "queue_timeout"),
     (InsufficientMemory, 503, "server_error", "insufficient_memory"),

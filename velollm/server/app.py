@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from velollm import openai_wire as oc
 from velollm.engine import Chunk
-from velollm.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, VeloError
-from velollm.pool.streams import AsyncStream, acollect, open_leased, start_stream
+from velollm.errors import InvalidRequest, ModelNotFound, VeloError
+from velollm.pool.streams import AsyncStream, acollect, start_stream
+from velollm.server.access import AccessMiddleware, KeyStore, MeteredStream, record_of, require_key, timed_open
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,14 @@ class ServerConfig:
     allow_any_model: bool = False
     load_options: dict[str, Any] = field(default_factory=dict)
     preload: bool = False
+    # per model id (velollm.server.config): load options over ``load_options``, keep_alive seconds
+    model_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keep_alive: dict[str, float] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> model id
+    preload_models: list[str] = field(default_factory=list)  # ids loaded at start (all with ``preload``)
+    keys: KeyStore | None = None  # default: ``api_key`` alone
+    cors_origins: list[str] = field(default_factory=list)
+    log_requests: bool = True
 
     @classmethod
     def from_cli(cls, models: list[str], **kwargs: Any) -> ServerConfig:
@@ -61,6 +71,18 @@ class ServerConfig:
             mapping = pulled_catalogue_models()
         return cls(models=mapping, **kwargs)
 
+    def options_for(self, model_id: str) -> dict[str, Any]:
+        """Load options of one served model: the server-wide ones, then the model's own."""
+        return {**self.load_options, **self.model_options.get(model_id, {})}
+
+    def acquire_options(self, model_id: str, keep_alive: float | None = None) -> dict[str, Any]:
+        """``pool.acquire`` keywords: load options and keep_alive (the request's, else the model's)."""
+        options = self.options_for(model_id)
+        keep = keep_alive if keep_alive is not None else self.keep_alive.get(model_id)
+        if keep is not None:
+            options["keep_alive"] = keep
+        return options
+
     def resolve(self, name: str | None) -> tuple[str, str]:
         """``(public id, pool reference)`` for a request's ``model``."""
         if not name:
@@ -69,6 +91,8 @@ class ServerConfig:
             return next(iter(self.models.items()))
         if name in self.models:
             return name, self.models[name]
+        if name in self.aliases and self.aliases[name] in self.models:
+            return self.aliases[name], self.models[self.aliases[name]]
         for alias, ref in self.models.items():
             if name == ref:
                 return alias, ref
@@ -121,9 +145,13 @@ class _JSONError(Exception):
 def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
     """The server for ``config``; ``pool`` defaults to the process-wide pool."""
     from velollm.pool import get_pool
+    from velollm.server.admin import admin_router
+    from velollm.server.metrics import Metrics
 
     pool = pool or get_pool()
     started = int(time.time())
+    keys = config.keys if config.keys is not None else KeyStore(api_key=config.api_key)
+    metrics = Metrics(pool, lambda: {ref: model_id for model_id, ref in config.models.items()})
     windows: dict[str, int] = {}  # context length of each reference once an engine has served it
 
     def check(ref: str) -> Any:
@@ -135,17 +163,25 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if config.preload:
-            for ref in config.models.values():
-                lease = await asyncio.to_thread(pool.acquire, ref, **config.load_options)
-                windows[ref] = lease.engine.context_length
-                lease.release()
+        for model_id in (list(config.models) if config.preload else config.preload_models):
+            lease = await asyncio.to_thread(pool.acquire, config.models[model_id], **config.acquire_options(model_id))
+            windows[config.models[model_id]] = lease.engine.context_length
+            lease.release()
+        reload_on_hangup = (keys.keys_file is not None and hasattr(signal, "SIGHUP")
+                            and _on_signal(signal.SIGHUP, keys.reload_logged))
         yield
+        if reload_on_hangup:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         close = getattr(pool, "close", None)
         if callable(close):
             await asyncio.to_thread(close)
 
     app = FastAPI(title="velollm", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    if config.cors_origins:  # answers preflights itself: only listed origins get Access-Control-* headers
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id"], max_age=600)
+    app.add_middleware(AccessMiddleware, on_done=metrics.observe, log_requests=config.log_requests)
 
     # --- errors, all in OpenAI's envelope ------------------------------------------------------
     @app.exception_handler(VeloError)
@@ -168,14 +204,7 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(oc.error_body(exc), status_code=500)
 
-    async def authorized(request: Request) -> None:
-        if not config.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise AuthenticationFailed("missing or incorrect API key: send 'Authorization: Bearer <key>'")
-
+    authorized = require_key(keys)
     guarded = [Depends(authorized)]
 
     async def body_of(request: Request) -> Any:
@@ -189,8 +218,14 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         if parsed.load_options:
             raise InvalidRequest("'load_options' are set by whoever runs the server, not per request")
 
-    async def open_choices(ref: str, requests: list[Any]) -> AsyncStream:
-        return await start_stream(lambda: open_leased(pool, ref, requests, config.load_options, check(ref)))
+    async def open_choices(request: Request, model_id: str, ref: str, requests: list[Any],
+                           keep_alive: float | None = None, prompts: int = 1) -> AsyncStream:
+        record = record_of(request)
+        if record is not None:
+            record.model = model_id
+        options = config.acquire_options(model_id, keep_alive)
+        stream = await start_stream(lambda: timed_open(record, pool, ref, requests, options, check(ref)))
+        return MeteredStream(stream, record, prompts)  # type: ignore[return-value]
 
     # --- OpenAI endpoints ------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=guarded)
@@ -198,7 +233,7 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         parsed = oc.parse_chat(await body_of(request))
         no_load_options(parsed)
         model_id, ref = config.resolve(parsed.model)
-        stream = await open_choices(ref, parsed.requests())
+        stream = await open_choices(request, model_id, ref, parsed.requests(), parsed.keep_alive)
         if parsed.stream:
             return _sse(_chat_events(stream, model_id, parsed.n, parsed.include_usage))
         completions = await _unless_disconnected(request, acollect(stream, parsed.n, model_id))
@@ -211,7 +246,7 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         no_load_options(first)
         model_id, ref = config.resolve(first.model)
         requests = [r for parsed in batch for r in parsed.requests()]
-        stream = await open_choices(ref, requests)
+        stream = await open_choices(request, model_id, ref, requests, first.keep_alive, prompts=len(batch))
         if first.stream:
             return _sse(_text_events(stream, model_id, len(batch), first.include_usage))
         done = await _unless_disconnected(request, acollect(stream, len(requests), model_id))
@@ -241,7 +276,8 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
 
         parsed = emb.parse_openai(await body_of(request))
         model_id, ref = config.resolve(parsed.model)
-        return await asyncio.to_thread(emb.openai_embeddings, parsed, ref, model_id, pool=pool, **config.load_options)
+        return await asyncio.to_thread(emb.openai_embeddings, parsed, ref, model_id, pool=pool,
+                                       **config.options_for(model_id))
 
     # --- tokenization (vLLM's and llama.cpp's shapes both accepted) --------------------------------
     @app.post("/tokenize", dependencies=guarded)
@@ -256,7 +292,7 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         model_id, ref = config.resolve(body.get("model"))
 
         def run() -> tuple[list[int], int]:
-            with pool.engine(ref, **config.load_options) as engine:
+            with pool.engine(ref, **config.acquire_options(model_id)) as engine:
                 return engine.tokenize(text, add_special=add_special), engine.context_length
 
         tokens, n_ctx = await asyncio.to_thread(run)
@@ -273,7 +309,7 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         model_id, ref = config.resolve(body.get("model"))
 
         def run() -> str:
-            with pool.engine(ref, **config.load_options) as engine:
+            with pool.engine(ref, **config.acquire_options(model_id)) as engine:
                 return engine.detokenize(tokens)
 
         text = await asyncio.to_thread(run)
@@ -284,11 +320,24 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": list(config.models)}
 
-    @app.get("/v1/pool", dependencies=guarded)
-    async def pool_status() -> dict[str, Any]:
-        return {"served": config.models, **_pool_status(pool)}
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
+    # load/unload (admin keys), GET /v1/pool
+    app.include_router(admin_router(config, pool, user=authorized, admin=require_key(keys, role="admin")))
     return app
+
+
+def _on_signal(signum: int, handler: Any) -> bool:
+    """Run ``handler`` on the event loop when the process gets ``signum`` (only where the loop may
+    install signal handlers: the main thread, not Windows)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signum, handler)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _version() -> str:
