@@ -421,3 +421,19 @@ def test_check_prints_every_plan_without_loading(team_files: Path, gemma_path: P
     bad.write_text(TEAM_TOML.replace("threads = 1", "threads = 0"))
     assert main(["serve", "--config", str(bad), "--check"]) == 1
     assert f"{bad}:16: models.gemma.threads" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_the_documented_config_and_keys_file_are_valid(tmp_path: Path) -> None:
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    team = doc[doc.index("## Running it for a team"):doc.index("## Remote")]
+    toml = re.search(r"```toml\n(.*?)```", team, re.S).group(1)
+    keys = re.search(r"```text\n(.*?)```", team, re.S).group(1)
+    (tmp_path / "keys.txt").write_text(keys)
+    (tmp_path / "team.toml").write_text(toml)
+    config = load_config(tmp_path / "team.toml")
+    assert set(config.models) == {"coder", "small"} and config.server.limits.max_loaded == 3
+    assert config.models["coder"].load_options()["draft_model"] == "qwen2.5-coder-0.5b-instruct"
+    assert [(k.name, k.role) for k in parse_keys_file(keys)] == [("ops", "admin"), ("alice", "user"), ("bob", "user")]
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in team
