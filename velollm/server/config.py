@@ -118,11 +118,21 @@ class ModelConfig(BaseModel):
         if self.parallel is not None:
             options.update(parallel_option(self.parallel))
         if self.kv_cache_type is not None and self.kv_cache_type != "f16":
-            kv = KV_CACHE_TYPES[self.kv_cache_type]
-            options["extra"] = {"type_k": kv, "type_v": kv}
-            if self.kv_cache_type != "f32":
-                options["flash_attn"] = True  # llama.cpp quantizes the V cache only with flash attention
+            options.update(kv_cache_options(self.kv_cache_type))
         return options
+
+
+def kv_cache_options(kind: str) -> dict[str, Any]:
+    """Load options for a KV-cache type: LoadOptions' own ``type_k``/``type_v`` where this build has
+    them, else llama.cpp's ggml type numbers passed through ``extra``."""
+    from velollm.engine import LoadOptions
+
+    fields = LoadOptions.model_fields
+    options: dict[str, Any] = ({"type_k": kind, "type_v": kind} if "type_k" in fields and "type_v" in fields
+                               else {"extra": {"type_k": KV_CACHE_TYPES[kind], "type_v": KV_CACHE_TYPES[kind]}})
+    if kind not in ("f32", "bf16"):
+        options["flash_attn"] = True  # llama.cpp quantizes the V cache only with flash attention
+    return options
 
 
 def parallel_option(parallel: int) -> dict[str, Any]:
@@ -382,7 +392,9 @@ def to_server_config(config: TeamConfig, *, api_key: str | None = None) -> Any:
     return ServerConfig(
         models=models, api_key=api_key, allow_any_model=server.allow_any_model,
         model_options={model_id: m.load_options() for model_id, m in config.models.items()},
-        keep_alive={model_id: m.keep_alive for model_id, m in config.models.items() if m.keep_alive is not None},
+        # every request sets its model's keep_alive (as Ollama's do): its own, else the model's, else the default
+        keep_alive={model_id: m.keep_alive if m.keep_alive is not None else server.keep_alive
+                    for model_id, m in config.models.items()},
         aliases=config.aliases(), preload_models=[i for i, m in config.models.items() if m.load_at_start],
         keys=KeyStore(api_key=api_key, keys_file=server.api_keys_file), cors_origins=list(server.cors_origins),
         log_requests=server.log_requests)
