@@ -194,7 +194,7 @@ class RequestRecord:
         def r(x: float | None) -> float | None:
             return None if x is None else round(x, 4)
 
-        return {"event": "request", "id": self.id, "method": self.method, "route": self.route or self.path,
+        return {"event": "request", "id": self.id, "method": self.method, "path": self.path, "route": self.route,
                 "key": self.key, "model": self.model, "status": self.status,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "load_s": r(self.load_s), "queue_wait_s": r(self.queue_wait_s), "ttft_s": r(self.ttft_s),
@@ -309,7 +309,7 @@ class AccessMiddleware:
         finally:
             record.finished_at = time.monotonic()
             route = scope.get("route")
-            record.route = getattr(route, "path", "") or ("unmatched" if record.status == 404 else record.path)
+            record.route = getattr(route, "path", "") or "unmatched"  # a template: clients cannot add label values
             self._done(record)
 
     def _done(self, record: RequestRecord) -> None:

@@ -72,7 +72,7 @@ class ModelConfig(BaseModel):
     n_gpu_layers: int | None = Field(default=None, ge=-1, description="layers on the GPU; -1 all; unset: placement")
     threads: int | None = Field(default=None, ge=1, description="CPU threads")
     kv_cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] | None = None
-    parallel: int | None = Field(default=None, ge=1, le=256, description="sequences decoded at once")
+    parallel: int | None = Field(default=None, ge=1, le=64, description="sequences decoded at once")
     draft_model: str | None = Field(default=None, description="a smaller model of the same family to draft with")
     chat_template: str | None = Field(default=None, description="a built-in chat format name overriding the GGUF's")
     keep_alive: float | None = Field(default=None, description="seconds idle before unloading; -1 never; 0 at once")
