@@ -100,6 +100,7 @@ class Usage(BaseModel):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cache, not computed (OpenAI's prompt_tokens_details)
 
     @property
     def total_tokens(self) -> int:
@@ -176,6 +177,9 @@ class LoadOptions(BaseModel):
 
     n_ctx: int | None = Field(default=None, ge=16)
     n_threads: int | None = Field(default=None, ge=1)
+    # sequences decoded together in one context (continuous batching; llama.cpp's --parallel). None: placement
+    # picks it from memory; n_ctx is then the KV cache all of them share (the llama.cpp backend, batch.py)
+    parallel: int | None = Field(default=None, ge=1, le=64)
     n_gpu_layers: int = 0
     use_mmap: bool = True
     use_mlock: bool = False
