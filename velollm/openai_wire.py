@@ -329,21 +329,26 @@ def new_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` when a prefix cache served part of the prompt."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
 
 
-def total_usage(completions: list[Completion], prompts: int = 1) -> dict[str, int]:
+def total_usage(completions: list[Completion], prompts: int = 1) -> dict[str, Any]:
     """OpenAI counts each distinct prompt once and every generated token."""
     return sum_usage([c.usage for c in completions], prompts)
 
 
-def sum_usage(usages: list[Usage], prompts: int = 1) -> dict[str, int]:
+def sum_usage(usages: list[Usage], prompts: int = 1) -> dict[str, Any]:
     """Usage of ``n`` choices per prompt: each distinct prompt once, every generated token."""
     per_prompt = len(usages) // max(prompts, 1) or 1
     prompt_tokens = sum(u.prompt_tokens for u in usages[::per_prompt])
-    return usage_dict(prompt_tokens, sum(u.completion_tokens for u in usages))
+    cached = sum(u.cached_tokens for u in usages[::per_prompt])
+    return usage_dict(prompt_tokens, sum(u.completion_tokens for u in usages), cached)
 
 
 def chat_completion(completions: list[Completion], model: str, *, id: str | None = None) -> dict[str, Any]:
@@ -517,8 +522,10 @@ def _finish(reason: Any) -> str:
 def _usage(data: Any) -> Usage | None:
     if not isinstance(data, Mapping):
         return None
+    details = data.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else 0
     return Usage(prompt_tokens=int(data.get("prompt_tokens") or 0),
-                 completion_tokens=int(data.get("completion_tokens") or 0))
+                 completion_tokens=int(data.get("completion_tokens") or 0), cached_tokens=int(cached or 0))
 
 
 def _choice_text(choice: Mapping[str, Any]) -> str:
