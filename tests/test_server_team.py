@@ -426,6 +426,10 @@ def test_check_prints_every_plan_without_loading(team_files: Path, gemma_path: P
     bad.write_text(TEAM_TOML.replace("threads = 1", "threads = 0"))
     assert main(["serve", "--config", str(bad), "--check"]) == 1
     assert f"{bad}:16: models.gemma.threads" in capsys.readouterr().err.replace("\n", "")
+    missing = team_files.parent / "missing.toml"
+    missing.write_text(TEAM_TOML.replace('ref = "gemma3-270m"', f'ref = "{team_files.parent}/none.gguf"'))
+    assert main(["serve", "--config", str(missing), "--check"]) == 1
+    assert "ERROR: model file not found" in capsys.readouterr().out
 
 
 def test_the_documented_config_and_keys_file_are_valid(tmp_path: Path) -> None:

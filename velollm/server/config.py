@@ -415,7 +415,7 @@ def check_report(config: TeamConfig, source: str = "") -> tuple[list[str], bool]
 
     Returns the lines and whether everything can be served (every model places, the keys file parses).
     """
-    from velollm import hardware
+    from velollm import hardware, models
     from velollm.engine import LoadOptions
     from velollm.loading import prepare
     from velollm.placement import fmt_bytes
@@ -439,8 +439,9 @@ def check_report(config: TeamConfig, source: str = "") -> tuple[list[str], bool]
         keep = model.keep_alive if model.keep_alive is not None else server.keep_alive
         when = "loaded at start" if model.load_at_start else "loaded on first use"
         lines.append(f"{model_id}{names}: {model.ref} [{when}, keep_alive {keep:g} s]")
-        try:
-            prepared = prepare(model.ref, options=LoadOptions(**model.load_options()), probe=probe)
+        try:  # never downloads: a model that is not here yet is an error of the check
+            resolved = models.resolve(model.ref, download=False)
+            prepared = prepare(model.ref, options=LoadOptions(**model.load_options()), probe=probe, resolved=resolved)
         except (VeloError, ValueError) as exc:
             ok = False
             lines.append(f"  ERROR: {exc}")
