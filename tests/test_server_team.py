@@ -430,6 +430,9 @@ def test_check_prints_every_plan_without_loading(team_files: Path, gemma_path: P
     missing.write_text(TEAM_TOML.replace('ref = "gemma3-270m"', f'ref = "{team_files.parent}/none.gguf"'))
     assert main(["serve", "--config", str(missing), "--check"]) == 1
     assert "ERROR: model file not found" in capsys.readouterr().out
+    assert main(["serve", "--ctx", "640", "--check"]) == 0  # no file, no --model: the pulled models, with --ctx
+    plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  backend:")]
+    assert len(plans) >= 2 and all("n_ctx: 640," in line for line in plans)
 
 
 def test_the_documented_config_and_keys_file_are_valid(tmp_path: Path) -> None:

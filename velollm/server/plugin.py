@@ -60,11 +60,13 @@ def serve(
     from velollm.errors import ConfigError
     from velollm.pool import get_pool, set_pool
     from velollm.server import config as team_config
-    from velollm.server.app import create_app
+    from velollm.server.app import create_app, pulled_catalogue_models
 
     key = api_key or os.environ.get(ENV_API_KEY) or None
     # a bad file raises ConfigError (naming the line): the command prints it and exits non-zero
     team = team_config.load_config(config_file) if config_file else team_config.TeamConfig()
+    if not team.models and not model:  # nothing named: every pulled catalogue model (so --ctx etc. apply to them)
+        model = list(pulled_catalogue_models())
     team = team_config.apply_flags(team, models=model, host=host, port=port, api_keys_file=api_key_file,
                                    cors_origins=cors_origin, ctx=ctx, threads=threads, preload=preload,
                                    allow_any_model=allow_any_model)
