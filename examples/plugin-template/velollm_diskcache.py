@@ -20,6 +20,7 @@ from typing import Any
 
 import velollm
 from velollm.engine import Chunk, Completion, Engine, GenerationRequest, LoadOptions
+from velollm.errors import EngineClosed
 
 #: the backends this plugin wraps, if they are registered
 WRAPPED = ("llamacpp-cpu", "llamacpp-cuda", "llamacpp-vulkan", "llamacpp-metal", "native-cpu")
@@ -66,10 +67,15 @@ class CachedEngine:
         self.name = inner.name
         self.model_path = inner.model_path
         self.capabilities = inner.capabilities
+        self.closed = False
 
     @property
     def context_length(self) -> int:
         return self.inner.context_length
+
+    def _check_open(self) -> None:
+        if self.closed:  # a cache hit must not answer for an unloaded model (the contract kit checks this)
+            raise EngineClosed(f"engine for {self.name} is closed")
 
     def _key(self, request: GenerationRequest) -> str | None:
         if request.temperature > 0 and request.seed is None:
@@ -77,6 +83,7 @@ class CachedEngine:
         return hashlib.sha256(f"{self.identity}\n{request.model_dump_json()}".encode()).hexdigest()
 
     def generate(self, request: GenerationRequest) -> Completion:
+        self._check_open()
         key = self._key(request)
         cached = self.store.get(key) if key else None
         if cached is not None:
@@ -87,14 +94,17 @@ class CachedEngine:
         return completion
 
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+        self._check_open()  # before the first chunk is asked for: stream() itself raises
         key = self._key(request)
         cached = self.store.get(key) if key else None
         if cached is not None:
-            yield Chunk(text=cached.text)
-            yield Chunk(finish_reason=cached.finish_reason, usage=cached.usage, timings=cached.timings)
-            return
+            return iter([Chunk(text=cached.text),
+                         Chunk(finish_reason=cached.finish_reason, usage=cached.usage, timings=cached.timings)])
+        return self._store_stream(self.inner.stream(request), key)  # the inner engine validates now, not later
+
+    def _store_stream(self, chunks: Iterator[Chunk], key: str | None) -> Iterator[Chunk]:
         parts: list[str] = []
-        for chunk in self.inner.stream(request):
+        for chunk in chunks:
             parts.append(chunk.text)
             if key and chunk.finish_reason is not None and chunk.usage is not None:
                 extra = {"timings": chunk.timings} if chunk.timings is not None else {}
@@ -109,6 +119,7 @@ class CachedEngine:
         return self.inner.detokenize(tokens)
 
     def close(self) -> None:
+        self.closed = True
         self.inner.close()
 
 

@@ -15,7 +15,7 @@ your backend runs, a model file)::
 Every rule of :data:`velollm.testing.rules.RULES` becomes one test. The fixtures are class-scoped
 (one engine serves the rules): override them as above, ``scope="class"`` over ``@classmethod``.
 Other fixtures to override: ``model_file`` (a path to a model your backend runs) and
-``load_options`` (default ``LoadOptions(n_ctx=512)``).
+``load_options`` (default ``LoadOptions(n_ctx=512, n_threads=1)``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class BackendContract:
     @pytest.fixture(scope="class")
     @classmethod
     def load_options(cls) -> LoadOptions:
-        return LoadOptions(n_ctx=512)
+        # one thread: the rules check behaviour, not speed, and spinning worker threads crawl on a busy CI machine
+        return LoadOptions(n_ctx=512, n_threads=1)
 
     @pytest.fixture(scope="class")
     @classmethod
