@@ -210,7 +210,9 @@ class LM(dspy.LM):
     ``model`` is any velollm model reference (catalogue name, path, ``hf:...``), with or without
     the ``velollm/`` prefix. Greedy decoding (``temperature=0``) is the default because small
     local models follow output formats far more reliably without sampling noise.
-    ``backend``, ``n_ctx``, ``n_threads`` and ``load_options`` say how the pool loads the model.
+    ``backend``, ``n_ctx``, ``n_threads`` and ``load_options`` say how the pool loads the model;
+    ``parallel=N`` decodes up to N requests together (DSPy threads, ``dspy.Evaluate(num_threads=N)``)
+    in one batch on backends that batch (llama.cpp), sharing cached prompt prefixes.
     ``structured_outputs=False`` stops advertising response-schema support, so DSPy adapters
     (JSONAdapter, velollm.Adapter) generate without a grammar.
     """
@@ -226,6 +228,7 @@ class LM(dspy.LM):
         backend: str | None = None,
         n_ctx: int | None = None,
         n_threads: int | None = None,
+        parallel: int | None = None,
         load_options: dict[str, Any] | None = None,
         structured_outputs: bool = True,
         engine: Any = None,
@@ -240,6 +243,8 @@ class LM(dspy.LM):
                 options["n_ctx"] = n_ctx
             if n_threads is not None:
                 options["n_threads"] = n_threads
+            if parallel is not None:
+                options["parallel"] = parallel
             validated(LoadOptions, options, f"load options for {ref!r}")
             engine = PoolEngine(ref, backend=backend, load_options=options, structured_outputs=structured_outputs)
             async_engine = AsyncPoolEngine(engine)
