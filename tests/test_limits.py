@@ -34,8 +34,8 @@ def test_a_body_over_the_size_limit_is_refused() -> None:
 
 def test_lone_surrogates_are_found_anywhere_in_a_body() -> None:
     limits.check_no_surrogates({"messages": [{"content": "caf\u00e9 \U0001f600"}]})
-    with pytest.raises(InvalidRequest, match=r"messages\[0\].content contains a lone surrogate \(U\+D800"):
-        limits.check_no_surrogates({"messages": [{"content": "a\ud800b"}]}, "body")
+    with pytest.raises(InvalidRequest, match=r"^messages\[0\].content contains a lone surrogate \(U\+D800"):
+        limits.check_no_surrogates({"messages": [{"content": "a\ud800b"}]})
     with pytest.raises(InvalidRequest, match="a key"):
         limits.check_no_surrogates({"\udfff": 1})
     with pytest.raises(InvalidRequest, match="lone surrogate"):
@@ -73,3 +73,26 @@ def test_the_scan_does_not_recurse() -> None:
         assert limits.json_depth(b"{" * DEEP) == DEEP
     finally:
         sys.setrecursionlimit(old)
+
+
+@pytest.mark.parametrize("content_type", [None, "", "application/json", "application/json; charset=utf-8",
+                                          "Application/JSON", "application/vnd.api+json"])
+def test_json_media_types_are_accepted(content_type: str | None) -> None:
+    assert limits.parse_json_body(b'{"a": 1}', content_type) == {"a": 1}
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_other_media_types_are_refused(content_type: str) -> None:
+    with pytest.raises(limits.UnsupportedMediaType, match="Content-Type: application/json"):
+        limits.parse_json_body(b'{"a": 1}', content_type)
+
+
+def test_parse_json_body_refuses_bad_json_deep_json_and_surrogates() -> None:
+    with pytest.raises(limits.InvalidJSON):
+        limits.parse_json_body(b"{not json")
+    with pytest.raises(limits.InvalidJSON):
+        limits.parse_json_body(b'"\xff"')
+    with pytest.raises(InvalidRequest, match="nested"):
+        limits.parse_json_body(b"[" * DEEP + b"]" * DEEP)
+    with pytest.raises(InvalidRequest, match=r"prompt contains a lone surrogate"):
+        limits.parse_json_body(b'{"prompt": "a\\ud800b"}')

@@ -55,7 +55,20 @@ def test_bytes_split_anywhere_give_whole_characters(text: str) -> None:
         assert "\ufffd" not in first
 
 
-def test_incomplete_tail_becomes_replacement_char() -> None:
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_an_incomplete_tail_is_dropped_not_replaced(cut: int) -> None:
     stream = TokenTextStream([])
-    assert stream.feed(b"ok" + "é".encode()[:1]) == "ok"
-    assert stream.finish() == "\ufffd"
+    assert stream.feed(b"ok" + "🎉".encode()[:cut]) == "ok"
+    assert stream.finish() == ""
+
+
+def test_held_stop_prefix_is_still_released_after_an_incomplete_tail() -> None:
+    stream = TokenTextStream(["END"])
+    assert stream.feed(b"ab EN") == "ab "
+    assert stream.feed("é".encode()[:1]) == ""
+    assert stream.finish() == "EN"
+
+
+def test_invalid_bytes_inside_the_text_still_become_replacement_chars() -> None:
+    stream = TokenTextStream([])
+    assert stream.feed(b"a\xffb") + stream.finish() == "a\ufffdb"

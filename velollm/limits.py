@@ -8,6 +8,7 @@ recursing, and the answer is a typed error naming the problem (400 on the server
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -51,18 +52,19 @@ def check_text(text: str, where: str) -> None:
                              "text must be valid Unicode")
 
 
-def check_no_surrogates(value: Any, where: str = "the request body") -> None:
-    """Walk a parsed JSON value (iteratively) and refuse the first string or key with a lone surrogate."""
+def check_no_surrogates(value: Any, where: str = "") -> None:
+    """Walk a parsed JSON value (iteratively) and refuse the first string or key with a lone surrogate;
+    the error names its path (``messages[0].content``)."""
     stack: list[tuple[Any, str]] = [(value, where)]
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
-            check_text(item, path)
+            check_text(item, path or "the request body")
         elif isinstance(item, dict):
             for key, sub in item.items():
                 if isinstance(key, str):
-                    check_text(key, f"{path} (a key)")
-                stack.append((sub, f"{path}.{key}" if isinstance(key, str) and not lone_surrogate(key) else path))
+                    check_text(key, f"a key in {path or 'the request body'}")
+                stack.append((sub, f"{path}.{key}" if path else str(key)))
         elif isinstance(item, list):
             stack.extend((sub, f"{path}[{i}]") for i, sub in enumerate(item))
 
@@ -88,6 +90,39 @@ def check_json_body(raw: bytes, *, max_bytes: int = MAX_BODY_BYTES, max_depth: i
 
 class BodyTooLarge(InvalidRequest):
     """The request body is larger than the server accepts (HTTP 413)."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The request body is not declared as JSON (HTTP 415)."""
+
+
+class InvalidJSON(InvalidRequest):
+    """The request body does not parse as JSON."""
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """``application/json``, ``application/*+json``, or no Content-Type at all (curl without -H)."""
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def parse_json_body(raw: bytes, content_type: str | None = None, *, max_bytes: int = MAX_BODY_BYTES,
+                    max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A request body as JSON, after the media type, size, depth and Unicode checks (each a typed error)."""
+    if not is_json_media_type(content_type):
+        raise UnsupportedMediaType(f"send the request body as JSON ('Content-Type: application/json'), "
+                                   f"not {content_type.split(';', 1)[0].strip()!r}")
+    check_json_body(raw, max_bytes=max_bytes, max_depth=max_depth)
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # pragma: no cover - the depth check above comes first
+        raise InvalidRequest("the request body is nested too deep") from None
+    check_no_surrogates(value)
+    return value
 
 
 # --- grammars -------------------------------------------------------------------------------------

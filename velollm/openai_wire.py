@@ -35,7 +35,10 @@ from velollm.errors import (
     UnsupportedFeature,
     VeloError,
 )
+from velollm.limits import check_grammar
 
+#: The largest seed: llama.cpp's are 32-bit (a larger one would be cut silently).
+MAX_SEED = 2**32 - 1
 #: The most choices one request may ask for; more is almost surely a mistake (and a DoS).
 MAX_N = 16
 
@@ -122,7 +125,9 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
         return None
     if kind == "json_object":
         schema = response_format.get("schema")
-        return dict(schema) if isinstance(schema, Mapping) else {"type": "object"}
+        if schema is not None and not isinstance(schema, Mapping):
+            raise InvalidRequest("'response_format.schema' must be a JSON schema object")
+        return dict(schema) if schema is not None else {"type": "object"}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
@@ -193,6 +198,11 @@ def generation_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     for name in _SAMPLING:
         if params.get(name) is not None:
             fields[name] = params[name]
+    if "seed" in fields:  # llama.cpp seeds are 32-bit: a larger seed would be cut silently
+        seed = fields["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidRequest(f"'seed' must be an integer from 0 to {MAX_SEED}, got {seed!r} "
+                                 "(leave it out for a random seed)")
     penalty = params.get("repeat_penalty", params.get("repetition_penalty"))
     if penalty is not None:
         fields["repeat_penalty"] = penalty
@@ -212,6 +222,7 @@ def generation_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     if schema is not None:
         fields["json_schema"] = schema
     if params.get("grammar") is not None:  # llama.cpp's server extension: a GBNF grammar
+        check_grammar(params["grammar"])  # empty, huge, deeply nested: refused before any engine sees it
         fields["grammar"] = params["grammar"]
     return fields
 
@@ -226,8 +237,14 @@ def _n(params: Mapping[str, Any]) -> int:
 
 
 def _flags(params: Mapping[str, Any]) -> tuple[bool, bool]:
-    stream = bool(params.get("stream") or False)
-    options = params.get("stream_options") or {}
+    stream = params.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest(f"'stream' must be true or false, got {stream!r}")
+    stream = bool(stream)
+    options = params.get("stream_options")
+    if options is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed with 'stream': true")
+    options = options or {}
     if not isinstance(options, Mapping):
         raise InvalidRequest("'stream_options' must be an object")
     return stream, bool(options.get("include_usage"))

@@ -65,6 +65,8 @@ class TokenTextStream:
         return self.matcher.feed(self._decoder.decode(data))
 
     def finish(self) -> str:
-        """Flush at the end: incomplete bytes become U+FFFD, held text is released unless stopped."""
-        tail = self.matcher.feed(self._decoder.decode(b"", final=True))
-        return tail + ("" if self.matcher.stopped else self.matcher.flush())
+        """Flush at the end: held text is released unless stopped. An incomplete UTF-8 tail (max_tokens
+        cut a character that spans several tokens) is dropped, never turned into U+FFFD: the client gets
+        the text the tokens so far fully spell."""
+        self._decoder.reset()
+        return "" if self.matcher.stopped else self.matcher.flush()

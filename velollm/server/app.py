@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from velollm import limits
 from velollm import openai_wire as oc
 from velollm.engine import Chunk
 from velollm.errors import InvalidRequest, ModelNotFound, VeloError
@@ -85,9 +86,12 @@ class ServerConfig:
 
     def resolve(self, name: str | None) -> tuple[str, str]:
         """``(public id, pool reference)`` for a request's ``model``."""
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"'model' must be a string, got {type(name).__name__}")
         if not name:
-            if not self.models:
-                raise InvalidRequest("'model' is required")
+            if len(self.models) != 1:  # with several models served, picking one would be a guess
+                served = ", ".join(self.models) or "none"
+                raise InvalidRequest(f"'model' is required (served: {served})")
             return next(iter(self.models.items()))
         if name in self.models:
             return name, self.models[name]
@@ -134,6 +138,37 @@ def _loaded_models(pool: Any) -> dict[str, dict[str, Any]]:
     return {str(m["ref"]): m for m in models if isinstance(m, dict) and m.get("ref") and m.get("state") == "ready"}
 
 
+class ContainErrors:
+    """ASGI middleware: an unexpected exception becomes a logged 500 in OpenAI's envelope, and is not re-raised.
+
+    Starlette's own catch-all re-raises after answering, and uvicorn then closes the connection: the
+    next request a client sends on that keep-alive connection was reset.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.error("unexpected error answering %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:  # the answer is under way: nothing else can be said on this connection
+                raise
+            await JSONResponse(oc.error_body(exc), status_code=500)(scope, receive, send)
+
+
 class _JSONError(Exception):
     """An error answer that is not a velollm error (bad JSON, unknown route)."""
 
@@ -177,7 +212,10 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         if callable(close):
             await asyncio.to_thread(close)
 
-    app = FastAPI(title="velollm", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    # the schema is served below, behind the API key like every route but /health
+    app = FastAPI(title="velollm", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_middleware(ContainErrors)  # innermost: a 500 never closes the keep-alive connection
     if config.cors_origins:  # answers preflights itself: only listed origins get Access-Control-* headers
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"], max_age=600)
@@ -208,11 +246,15 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
     guarded = [Depends(authorized)]
 
     async def body_of(request: Request) -> Any:
-        raw = await request.body()
+        """The JSON body, after the media type, size, nesting and Unicode limits (:mod:`velollm.limits`)."""
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _JSONError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+            return limits.parse_json_body(await _read_body(request), request.headers.get("content-type"))
+        except limits.UnsupportedMediaType as exc:
+            raise _JSONError(415, str(exc), code="unsupported_media_type") from None
+        except limits.BodyTooLarge as exc:
+            raise _JSONError(413, str(exc), code="body_too_large") from None
+        except limits.InvalidJSON as exc:
+            raise _JSONError(400, str(exc), code="invalid_json") from None
 
     def no_load_options(parsed: oc.ParsedRequest) -> None:
         if parsed.load_options:
@@ -320,6 +362,10 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": list(config.models)}
 
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi_schema() -> dict[str, Any]:
+        return app.openapi()
+
     @app.get("/metrics", dependencies=guarded)
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition()
@@ -338,6 +384,20 @@ def _on_signal(signum: int, handler: Any) -> bool:
     except (NotImplementedError, RuntimeError, ValueError):
         return False
     return True
+
+
+async def _read_body(request: Request, limit: int = limits.MAX_BODY_BYTES) -> bytes:
+    """The raw body, refused as soon as it passes ``limit`` bytes (never read whole into memory first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise limits.BodyTooLarge(f"the request body has {int(declared):,} bytes; the limit is {limit:,}")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise limits.BodyTooLarge(f"the request body has more than {limit:,} bytes; the limit is {limit:,}")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _version() -> str:
@@ -398,9 +458,10 @@ async def _text_events(stream: AsyncStream, model: str, prompts: int, include_us
 
 
 def _stream_error(exc: Exception) -> str:
+    """The error event of a stream that failed after it started, and the ``[DONE]`` every stream ends with."""
     if not isinstance(exc, VeloError):
         log.error("generation failed mid-stream", exc_info=exc)
-    return _data(oc.error_body(exc))
+    return _data(oc.error_body(exc)) + "data: [DONE]\n\n"
 
 
 def _usage(finals: list[Chunk], prompts: int) -> dict[str, int]:

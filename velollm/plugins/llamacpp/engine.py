@@ -36,6 +36,7 @@ from velollm.errors import (
     InvalidRequest,
 )
 from velollm.gguf import info as gguf_info
+from velollm.limits import check_grammar
 from velollm.plugins.llamacpp import log as llamacpp_log
 from velollm.textstream import TokenTextStream
 
@@ -225,6 +226,7 @@ class LlamaCppEngine:
 
         if gbnf in self._grammars:
             return self._grammars[gbnf]
+        check_grammar(gbnf)  # llama.cpp's parser recurses per nesting level: a deep grammar is a SIGSEGV
         with llamacpp_log.capture() as log, llamacpp_log.capture_stderr_fd() as raw:
             sampler = self._lib.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
         log.extend(raw)
