@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from velollm.engine import PLUGIN_API_VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "examples" / "plugin-template"
 
@@ -43,6 +45,7 @@ def test_velollm_plugins_lists_the_installed_plugin(site: Path) -> None:
     plugin = next(p for p in json.loads(result.stdout) if p["name"] == "diskcache")
     assert (plugin["distribution"], plugin["version"], plugin["builtin"]) == ("velollm-diskcache", "0.1.0", False)
     assert plugin["hooks"] == ["register_backends"] and plugin["failures"] == []
+    assert plugin["api"] == PLUGIN_API_VERSION  # declared by the template, and the one this velollm provides
     assert "cached-llamacpp-cpu" in plugin["backends"]
 
 

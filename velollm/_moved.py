@@ -10,12 +10,13 @@ _warned: set[str] = set()
 
 
 def moved(old: str, new_module: str, name: str) -> Any:
-    """``name`` from ``new_module``, with one DeprecationWarning per old path."""
+    """``name`` from ``new_module``, with one DeprecationWarning per old path (none for a name that never existed)."""
+    value = getattr(importlib.import_module(new_module), name)
     if old not in _warned:
         _warned.add(old)
         warnings.warn(f"{old} moved to {new_module}.{name}; the old path goes away in the next release",
                       DeprecationWarning, stacklevel=3)
-    return getattr(importlib.import_module(new_module), name)
+    return value
 
 
 def module_shim(old: str, new_module: str) -> Any:

@@ -96,7 +96,8 @@ def _backend_devices(facts: Any) -> dict[str, list[dict[str, Any]]]:
 
 @app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Installed plugins: version, hooks, what they registered, and failures."""
+    """Installed plugins: version, plugin API, hooks, what they registered, and failures."""
+    from velollm.engine import PLUGIN_API_VERSION
     from velollm.host import get_host
 
     host = get_host()
@@ -104,14 +105,15 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     if as_json:
         _print_json([r.as_dict() for r in records])
         return
-    table = Table("plugin", "distribution", "hooks", "registered", "problems")
+    table = Table("plugin", "distribution", "API", "hooks", "registered", "problems",
+                  title=f"velollm plugin API {PLUGIN_API_VERSION}")
     for r in records:
         dist = f"{r.distribution or '-'} {r.version or ''}".strip()
         registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in
                                (("backends", r.backends), ("sources", r.model_sources)) if names) or "-"
         problems = "[red]" + "\n".join(r.failures) + "[/red]" if r.failures else "-"
-        table.add_row(r.name + (" (built-in)" if r.builtin else ""), dist, ", ".join(r.hooks) or "-", registered,
-                      problems)
+        table.add_row(r.name + (" (built-in)" if r.builtin else ""), dist, r.api or "-", ", ".join(r.hooks) or "-",
+                      registered, problems)
     out.print(table)
 
 

@@ -5,6 +5,10 @@ module name, exactly like third-party ones found through the ``velollm`` entry-p
 A plugin that fails to import, fails validation, or raises inside a hook is recorded as a
 :class:`PluginFailure` and skipped; the host keeps working with the rest.
 
+A plugin module may declare the plugin API it was written for, ``VELOLLM_PLUGIN_API = "2"``; one
+that targets another version than :data:`velollm.engine.PLUGIN_API_VERSION` is recorded as a
+failure (stage ``"api"``) and skipped, instead of failing later in a confusing way.
+
 Environment:
   ``VELOLLM_LOAD_PLUGINS``    comma list of third-party plugins to load (entry-point or
                               distribution names); set but empty loads none of them.
@@ -26,13 +30,16 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from velollm import hookspecs
-from velollm.errors import BackendNotFound
+from velollm.engine import PLUGIN_API_VERSION
+from velollm.errors import BackendNotFound, PluginError
 
 if TYPE_CHECKING:
     from velollm.engine import Backend
     from velollm.models import ModelSource
 
 ENTRY_POINT_GROUP = "velollm"
+#: The module attribute a plugin sets to the plugin API version it targets.
+API_ATTRIBUTE = "VELOLLM_PLUGIN_API"
 
 #: Built-in plugins: name -> module. Registered like any other plugin, and can be disabled.
 DEFAULT_PLUGINS: dict[str, str] = {
@@ -49,7 +56,7 @@ class PluginFailure:
     """Why a plugin (or one of its hooks) was skipped."""
 
     plugin: str
-    stage: str  # "import", "register", "validate", or the hook name
+    stage: str  # "import", "api", "register", "validate", or the hook name
     error: str
     detail: str = ""
 
@@ -66,6 +73,7 @@ class PluginRecord:
     builtin: bool
     distribution: str | None = None
     version: str | None = None
+    api: str | None = None  # the plugin API version it targets (declared; built-ins: the current one)
     hooks: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
     model_sources: list[str] = field(default_factory=list)
@@ -83,6 +91,18 @@ def _names(value: str | None) -> set[str] | None:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def api_mismatch(plugin: str, declared: object) -> PluginError | None:
+    """Why a plugin declaring ``VELOLLM_PLUGIN_API = declared`` cannot be loaded, or None when it can."""
+    if str(declared) == PLUGIN_API_VERSION:
+        return None
+    from velollm import __version__
+
+    return PluginError(
+        f"plugin {plugin!r} targets velollm plugin API {declared!r}, but velollm {__version__} provides plugin API "
+        f"{PLUGIN_API_VERSION!r}; install a release of the plugin made for API {PLUGIN_API_VERSION!r} "
+        f"(or a velollm that provides API {declared!r})")
 
 
 class Host:
@@ -154,8 +174,14 @@ class Host:
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__qualname__
         record = record or PluginRecord(name, module, builtin)
+        declared = getattr(plugin, API_ATTRIBUTE, None)
+        record.api = str(declared) if declared is not None else (PLUGIN_API_VERSION if builtin else None)
         with self._mutex:
             if name in self._disabled:
+                return False
+            mismatch = api_mismatch(name, declared) if declared is not None else None
+            if mismatch is not None:
+                self._fail(name, "api", mismatch, record=record)
                 return False
             try:
                 self.pm.register(plugin, name=name)

@@ -22,6 +22,8 @@ import velollm
 from velollm.engine import Chunk, Completion, Engine, GenerationRequest, LoadOptions
 from velollm.errors import EngineClosed
 
+#: the velollm plugin API this plugin is written for: another velollm reports it and skips the plugin
+VELOLLM_PLUGIN_API = "2"
 #: the backends this plugin wraps, if they are registered
 WRAPPED = ("llamacpp-cpu", "llamacpp-cuda", "llamacpp-vulkan", "llamacpp-metal", "native-cpu")
 

@@ -1,5 +1,16 @@
-"""Moved to :mod:`velollm.placement` (placement is used without a pool); kept for one release."""
+"""Moved to :mod:`velollm.placement` (placement is used without a pool); kept for one release.
 
-from velollm._moved import module_shim
+``Device`` and ``MemoryNeeds`` are part of the backend contract now: :mod:`velollm.engine`.
+"""
 
-__getattr__ = module_shim("velollm.pool.placement", "velollm.placement")
+from typing import Any
+
+from velollm._moved import moved
+
+_CONTRACT = frozenset({"Device", "MemoryNeeds"})
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return moved(f"velollm.pool.placement.{name}", "velollm.engine" if name in _CONTRACT else "velollm.placement", name)
