@@ -55,6 +55,7 @@ ref = "qwen2.5-coder-0.5b-instruct"
 n_ctx = 1024
 threads = 2
 keep_alive = -1
+load_at_start = true
 """
 
 KEYS = f"""\
@@ -279,6 +280,7 @@ def _rss(server: Server) -> int:
 @pytest.mark.slow
 def test_settings_from_the_config_reach_the_pool(team: tuple[Server, Path]) -> None:
     server, _ = team
+    assert set(_pool(server)) == {"qwen"}  # load_at_start: ready before the first request; gemma on demand
     for model in ("gemma", "qwen"):
         assert _chat(server, model).status_code == 200
     models = _pool(server)
