@@ -310,7 +310,8 @@ class BatchDecoder:
         self._cond = threading.Condition()
         self._closing = False
         self._clear_cache = False
-        self.stats = {"steps": 0, "decoded": 0, "cached_tokens": 0, "preempted": 0, "evicted": 0}
+        self.stats: dict[str, float] = {"steps": 0, "decoded": 0, "cached_tokens": 0, "preempted": 0, "evicted": 0,
+                                        "decode_s": 0.0, "sample_s": 0.0, "sequences": 0}
         self._thread = threading.Thread(target=self._loop, name="velollm-batch", daemon=True)
         self._thread.start()
 
@@ -571,7 +572,9 @@ class BatchDecoder:
 
     def _decode(self, entries: list[tuple[Sequence, int, int]]) -> None:
         outs = self._fill(entries)
+        start = time.perf_counter()
         rc = self._lib.llama_decode(self.ctx, self._batch)
+        self.stats["decode_s"] += time.perf_counter() - start
         if rc != 0:
             self._undo(entries)
             if len(entries) > 1:  # find the culprit: decode each sequence alone
@@ -587,9 +590,11 @@ class BatchDecoder:
             self.ledger.append(seq.slot, pos, n)  # type: ignore[arg-type]
             seq.n_past = pos + n
             self.stats["decoded"] += n
+        start = time.perf_counter()
         for (seq, _, _), i in zip(entries, outs, strict=True):
             if i >= 0 and not seq.cancelled:
                 self._advance(seq, i)
+        self.stats["sample_s"] += time.perf_counter() - start
 
     def _undo(self, entries: list[tuple[Sequence, int, int]]) -> None:
         """A failed decode may leave part of its batch in the cache: remove it."""
@@ -631,6 +636,7 @@ class BatchDecoder:
         end = time.perf_counter()
         tail = seq.text.finish()
         self.stats["cached_tokens"] += seq.cached
+        self.stats["sequences"] += 1
         seq.done = True
         self._retire(seq)
         seq.picker.close()

@@ -40,6 +40,9 @@ from velollm.limits import check_grammar
 from velollm.plugins.llamacpp import log as llamacpp_log
 from velollm.textstream import TokenTextStream
 
+#: the ``Llama``'s own context when a batch decoder holds the KV cache (it only tokenizes then)
+BATCH_LLAMA_CTX = 512
+
 
 def default_threads() -> int:
     """Physical cores (llama.cpp's and Ollama's default): hyper-threads only add spin-waiting."""
@@ -82,6 +85,8 @@ class LlamaCppEngine:
         self._grammars: dict[str, Any] = {}
         self._speculator: Any = None  # a speculative.Speculator when speculative decoding is configured
         self._runner: Any = None  # velollm.plugins.llamacpp.runner.LlamaRunner, made on the first constrained request
+        self._batch: Any = None  # a batch.BatchDecoder when LoadOptions.parallel > 1 (continuous batching)
+        self.max_concurrency = 1  # requests the pool lets in at once (the batch's sequences)
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
         probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
         self.template = ChatTemplate.for_model(
@@ -118,6 +123,10 @@ class LlamaCppEngine:
             from velollm.plugins.llamacpp import embed as llamacpp_embed
 
             kwargs = llamacpp_embed.load_kwargs(info, kwargs)
+        parallel = options.parallel or 1
+        batched = parallel > 1 and not kwargs.get("embedding")
+        if batched:  # the batch decoder holds the KV cache; the Llama keeps a small context of its own
+            n_ctx, kwargs["n_ctx"] = kwargs["n_ctx"], min(kwargs["n_ctx"], BATCH_LLAMA_CTX)
         try:
             with llamacpp_log.capture() as log:
                 llama = Llama(model_path=str(info.path), **kwargs)
@@ -128,9 +137,22 @@ class LlamaCppEngine:
                 f"{info.file_size:,} bytes) with {backend}: {reason}"
             ) from None
         engine = cls(llama, info, options, backend)
-        if options.speculative is not None or options.draft_model or options.prompt_lookup:
+        if batched:  # speculation drives the Llama's own context: it stays off while batching
+            engine._open_batch(parallel, n_ctx)
+        elif options.speculative is not None or options.draft_model or options.prompt_lookup:
             engine._attach_speculator()
         return engine
+
+    def _open_batch(self, parallel: int, n_ctx: int) -> None:
+        """Continuous batching (:mod:`.batch`): ``parallel`` sequences share one ``n_ctx``-token KV cache."""
+        from velollm.plugins.llamacpp import batch
+
+        try:
+            self._batch = batch.open_decoder(self, n_parallel=parallel, n_ctx=n_ctx)
+        except BaseException:
+            self.close()
+            raise
+        self.max_concurrency = parallel
 
     def _attach_speculator(self) -> None:
         """Speculative decoding (:mod:`.speculative`); a draft model loads on this engine's backend."""
@@ -160,6 +182,8 @@ class LlamaCppEngine:
 
     def reset_cache(self) -> None:
         """Forget the KV cache (the draft's too), so the next prompt is evaluated from scratch (benchmarks)."""
+        if self._batch is not None:
+            self._batch.clear_cache()
         with self._lock:
             self._check_open()
             self._llama.reset()
@@ -170,7 +194,7 @@ class LlamaCppEngine:
     # --- tokens ---------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
-        return int(self._llama.n_ctx())
+        return self._batch.n_ctx if self._batch is not None else int(self._llama.n_ctx())
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         self._check_open()
@@ -242,7 +266,7 @@ class LlamaCppEngine:
 
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
         self._check_open()
-        if self._owner == threading.get_ident():
+        if self._batch is None and self._owner == threading.get_ident():
             raise InvalidRequest("this thread is already generating on this engine (an unfinished stream?)")
         # validate before taking the lock, so bad requests fail fast and never touch the model
         prompt = self.prompt_tokens(request)
@@ -250,6 +274,10 @@ class LlamaCppEngine:
         if len(prompt) >= n_ctx:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}")
         grammar = self.grammar_for(request)
+        if self._batch is not None:  # continuous batching: the request joins the running batch
+            from velollm.plugins.llamacpp import batch
+
+            return batch.stream(self, self._batch, request, prompt, grammar)
         mode = "off"
         if self._speculator is not None or "speculative" in request.extra:
             from velollm.plugins.llamacpp.speculative import request_mode
@@ -379,6 +407,8 @@ class LlamaCppEngine:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                if self._batch is not None:
+                    self._batch.close()
                 self._grammars.clear()
                 if self._speculator is not None:
                     self._speculator.close()
