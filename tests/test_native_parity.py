@@ -1,14 +1,18 @@
-"""Greedy and logit parity of the native engine with llama.cpp: 3 prompts x 3 models.
+"""Teacher-forced and logit parity of the native engine with llama.cpp: 3 prompts x 3 models.
 
-For every prompt the first 32 greedy tokens must be llama.cpp's, and the last-position logits
-close (max abs difference and cosine similarity are printed; run with ``-s`` to see them).
-Both sides compute in float32 from the same quantized weights, but llama.cpp quantizes
-activations to 8 bits and keeps the KV cache in float16; the native engine's default ``ggml``
-numerics repeat those roundings. What remains is summation order inside the matrix products,
-which flips an 8-bit rounding now and then: llama.cpp's own logits for one prompt differ by
-about as much between batched and token-by-token evaluation. So closeness is checked against
-bounds of that size, and greedy agreement is checked on prompts whose continuations do not hinge
-on a near-tie.
+For every prompt llama.cpp's first 32 greedy tokens are fed to both sides (teacher forcing), and
+at every position the native argmax must be llama.cpp's, unless llama.cpp's own top-2 logit gap
+there is below 0.25 (:mod:`parity_support`): free-running greedy sequences are never compared,
+because llama.cpp's AVX2 and AVX-512 kernels sum in different orders and a near-tie flips a token
+and everything after it (this test demanded 32 identical greedy tokens and failed on an AVX2-only
+EPYC at tokens 9 and 12). Logits must also be close (max abs difference and cosine similarity are
+printed; run with ``-s`` to see them). Both sides compute in float32 from the same quantized
+weights, but llama.cpp quantizes activations to 8 bits and keeps the KV cache in float16; the
+native engine's default ``ggml`` numerics repeat those roundings. What remains is summation order
+inside the matrix products, which flips an 8-bit rounding now and then: llama.cpp's own logits for
+one sequence differ by about as much between batched and token-by-token evaluation (Gemma 270M, the
+1969 prompt, generated position 11: cosine 0.98 between llama.cpp's two ways). So closeness is
+checked against bounds of that size.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from parity_support import compare
 
 from velollm.engine import LoadOptions
 from velollm.plugins.native import NativeBackend
@@ -31,21 +36,6 @@ PROMPTS = {
     "qwen15": ["def quicksort(arr):", "The three primary colors are",
                "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n<|im_start|>assistant\n"],
 }
-
-
-def _llama_greedy(llama: object, ids: list[int], n: int) -> list[int]:
-    from llama_cpp import llama_vocab_is_eog
-
-    vocab = llama._model.vocab  # type: ignore[attr-defined]
-    llama.reset()  # type: ignore[attr-defined]
-    out: list[int] = []
-    for token in llama.generate(ids, temp=0.0):  # type: ignore[attr-defined]
-        if llama_vocab_is_eog(vocab, token) or len(out) == n:
-            break
-        out.append(token)
-        if len(out) == n:
-            break
-    return out
 
 
 def _last_logits(llama: object) -> np.ndarray:
@@ -63,14 +53,41 @@ def _llama_logits(llama: object, ids: list[int]) -> np.ndarray:
     return _last_logits(llama)
 
 
+def _llama_steps(llama: object, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's ``n`` greedy tokens after ``ids``, one decode per token, and its logits row before each."""
+    from velollm.plugins.llamacpp.runner import LlamaRunner
+
+    runner = LlamaRunner(llama)
+    runner.reset()
+    runner.feed(ids)
+    tokens, rows = [], []
+    for _ in range(n):
+        rows.append(runner.logits(-1).copy())
+        tokens.append(int(np.argmax(rows[-1])))
+        runner.feed(tokens[-1:])
+    runner.reset()
+    return tokens, np.stack(rows)
+
+
+def _native_steps(native: object, ids: list[int], fed: list[int]) -> np.ndarray:
+    """The native engine's logits row before each of ``fed`` (the prompt at once, then one token per step)."""
+    from velollm.plugins.native.model import KVCache
+
+    cache = KVCache(native.config, native.cache.n_ctx)  # type: ignore[attr-defined]
+    model = native.model  # type: ignore[attr-defined]
+    rows = [model.forward(list(ids), cache, logits="last")[-1]]
+    for token in fed[:-1]:
+        rows.append(model.forward([token], cache, logits="last")[-1])
+    return np.stack(rows).astype(np.float32)
+
+
 def _check_model(path: Path, prompts: list[str], label: str, n_ctx: int = 256,
                  long_prompt: bool = False) -> None:
-    from llama_cpp import Llama
+    from llama_cpp import Llama, llama_vocab_is_eog
 
     native = NativeBackend().load(path, LoadOptions(n_ctx=n_ctx, n_threads=1))
-    # llama.cpp keeps the logits of each evaluation's last token (enough here; logits for every
-    # position would cost a vocabulary-sized product per prompt token)
     llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, verbose=False)
+    vocab = llama._model.vocab
     try:
         if long_prompt:
             _check_long_prompt(native, llama, label)
@@ -82,13 +99,16 @@ def _check_model(path: Path, prompts: list[str], label: str, n_ctx: int = 256,
             diff = float(np.abs(mine - theirs).max())
             cosine = float(mine @ theirs / (np.linalg.norm(mine) * np.linalg.norm(theirs)))
             print(f"\n[{label}] {prompt[:40]!r}: last-position logits max|diff| {diff:.4f}, cosine {cosine:.6f}")
-            assert int(np.argmax(mine)) == int(np.argmax(theirs))
             assert cosine > 0.998 and diff < 2.5
-            expected = _llama_greedy(llama, ids, N_TOKENS)
-            assert len(expected) == N_TOKENS, "pick prompts that run 32 tokens without an end-of-turn"
-            got = native.generate_ids(ids, max_tokens=N_TOKENS)  # type: ignore[attr-defined]
-            first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
-            assert got == expected, f"first difference at token {first}"
+            # teacher-forced, token by token on both sides: llama.cpp's greedy tokens are fed to both
+            expected, reference = _llama_steps(llama, ids, N_TOKENS)
+            eog = next((i for i, t in enumerate(expected) if llama_vocab_is_eog(vocab, t)), None)
+            assert eog is None, f"pick prompts that run {N_TOKENS} tokens without an end-of-turn (eog at {eog})"
+            report = compare(reference, _native_steps(native, ids, expected))
+            print(f"[{label}] {prompt[:40]!r}: teacher-forced {report.summary()}")
+            assert not report.failures, report.summary()
+            assert report.decisive >= report.positions // 2, report.summary()  # the check has teeth
+            assert report.min_cosine > 0.97 and report.max_abs_diff < 5.0, report.summary()
     finally:
         native.close()
         llama.close()
