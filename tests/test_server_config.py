@@ -15,7 +15,11 @@ def test_ids_references_and_catalogue_aliases_resolve() -> None:
     assert config.resolve("qwen") == ("qwen", "qwen2.5-coder-0.5b-instruct")
     assert config.resolve("qwen2.5-coder-0.5b-instruct") == ("qwen", "qwen2.5-coder-0.5b-instruct")
     assert config.resolve("qwen0.5b") == ("qwen", "qwen2.5-coder-0.5b-instruct")
-    assert config.resolve(None) == ("qwen", "qwen2.5-coder-0.5b-instruct")  # the first is the default
+    with pytest.raises(InvalidRequest, match=r"'model' is required \(served: qwen, gemma3-270m\)"):
+        config.resolve(None)  # with several models served, picking one would be a guess
+    assert ServerConfig(models={"g": "gemma3-270m"}).resolve(None) == ("g", "gemma3-270m")  # the only one
+    with pytest.raises(InvalidRequest, match="'model' must be a string"):
+        config.resolve(True)  # type: ignore[arg-type]
     with pytest.raises(ModelNotFound, match="served: qwen, gemma3-270m"):
         config.resolve("qwen1.5b")
 
