@@ -20,7 +20,7 @@ import pytest
 from velollm.engine import GenerationRequest, LoadOptions
 from velollm.errors import GenerationError
 from velollm.plugins.llamacpp.backend import LlamaCppBackend
-from velollm.plugins.llamacpp.batch import GreedyPicker, KvLedger, Sequence
+from velollm.plugins.llamacpp.batch import GreedyPicker, KvLedger, Sequence, ThreadTuner
 
 NEAR_TIE = 0.25
 
@@ -248,3 +248,20 @@ def test_the_ledger_counts_shared_cells_once() -> None:
     assert ledger.used == 6 and ledger.length(1) == 6
     ledger.remove(1)
     assert ledger.used == 0 and ledger.free == 100
+
+
+def test_the_thread_tuner_follows_the_cheaper_thread_count() -> None:
+    tuner = ThreadTuner(2, explore_every=10, explore_steps=2)
+    assert tuner.choices == [2, 1]
+    cost = {2: 1.0, 1: 0.2}  # a busy machine: spinning threads make 2 threads slower than 1
+    used = []
+    for _ in range(60):
+        threads = tuner.next()
+        used.append(threads)
+        tuner.record(threads, cost[threads] * 10, 6)
+    assert tuner.best() == 1 and used[-10:].count(1) >= 8
+    cost = {2: 0.1, 1: 0.2}  # the neighbour left: 2 threads pay off again, found at the next exploration
+    for _ in range(60):
+        threads = tuner.next()
+        tuner.record(threads, cost[threads] * 10, 6)
+    assert tuner.best() == 2
