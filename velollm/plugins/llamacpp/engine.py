@@ -127,8 +127,8 @@ class LlamaCppEngine:
         batched = parallel > 1 and not kwargs.get("embedding")
         if batched:  # the batch decoder holds the KV cache; the Llama keeps a small context of its own
             n_ctx, kwargs["n_ctx"] = kwargs["n_ctx"], min(kwargs["n_ctx"], BATCH_LLAMA_CTX)
-        try:
-            with llamacpp_log.capture() as log:
+        try:  # one load at a time, process-wide (llamacpp_log.LOAD_LOCK says why)
+            with llamacpp_log.LOAD_LOCK, llamacpp_log.capture() as log:
                 llama = Llama(model_path=str(info.path), **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             reason = llamacpp_log.summary(log) or str(exc)

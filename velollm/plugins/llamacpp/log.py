@@ -18,8 +18,13 @@ from collections.abc import Iterator
 logger = logging.getLogger("velollm.llama_cpp")
 # ggml.h: NONE=0 DEBUG=1 INFO=2 WARN=3 ERROR=4 CONT=5 (llama-cpp-python's own _logger map is one off)
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_captures: list[list[str]] = []
+_captures: list[tuple[int, list[str]]] = []  # (thread ident, lines) of each open capture
 _lock = threading.Lock()
+#: Held around every llama.cpp model load and every stderr redirection, process-wide. llama-cpp-python
+#: swaps file descriptors 1 and 2 for /dev/null while it loads (``verbose=False``): two loads at once
+#: restored them in the wrong order (the process's stdout stayed /dev/null), and loads at once are
+#: where llama.cpp's global state is least tested. Loads are seconds; generation never takes it.
+LOAD_LOCK = threading.RLock()
 _callback = None  # kept referenced: ctypes callbacks must outlive their registration
 
 
@@ -39,9 +44,11 @@ def install() -> None:
         message = text.decode("utf-8", errors="replace")
         py_level = last[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
         last[0] = py_level
+        me = threading.get_ident()
         with _lock:
-            for lines in _captures:
-                lines.append(message)
+            for ident, lines in _captures:
+                if ident == me:  # another thread's load logs its own lines, not ours
+                    lines.append(message)
         if message.strip():
             logger.log(py_level, message.rstrip())
 
@@ -53,16 +60,16 @@ def install() -> None:
 
 @contextlib.contextmanager
 def capture() -> Iterator[list[str]]:
-    """Collect what llama.cpp logs inside the block (from any thread, so keep blocks short)."""
+    """Collect what llama.cpp logs on this thread inside the block (a load's own lines, never another's)."""
     install()
-    lines: list[str] = []
+    entry: tuple[int, list[str]] = (threading.get_ident(), [])
     with _lock:
-        _captures.append(lines)
+        _captures.append(entry)
     try:
-        yield lines
+        yield entry[1]
     finally:
-        with _lock:
-            _captures.remove(lines)
+        with _lock:  # by identity: two captures with equal lines are still two captures
+            _captures[:] = [e for e in _captures if e is not entry]
 
 
 def summary(lines: list[str], limit: int = 3) -> str:
@@ -80,8 +87,8 @@ def capture_stderr_fd() -> Iterator[list[str]]:
     """
     lines: list[str] = []
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
+    with LOAD_LOCK, tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
         try:
             yield lines
