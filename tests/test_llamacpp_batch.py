@@ -265,3 +265,24 @@ def test_the_thread_tuner_follows_the_cheaper_thread_count() -> None:
         threads = tuner.next()
         tuner.record(threads, cost[threads] * 10, 6)
     assert tuner.best() == 2
+
+
+def test_placement_gives_parallel_sequences_the_trained_context_where_memory_allows(qwen_path: Path) -> None:
+    from velollm.loading import prepare
+
+    prepared = prepare(qwen_path, options=LoadOptions(parallel=4))
+    plan = prepared.plan
+    assert plan.parallel == 4 and prepared.load_options.parallel == 4
+    n_ctx = next(d for d in plan.decisions if d.topic == "n_ctx")
+    assert "parallel sequences share one KV cache" in n_ctx.reason
+    assert plan.n_ctx == 32768 or "capped" in n_ctx.reason  # Qwen2.5-Coder was trained on 32k tokens
+    assert any(d.topic == "parallel" for d in plan.decisions)
+    single = prepare(qwen_path, options=LoadOptions()).plan
+    assert single.parallel == 1 and prepare(qwen_path, options=LoadOptions()).load_options.parallel is None
+
+
+def test_an_overflowing_prompt_names_the_knob(batched: Any) -> None:
+    from velollm.errors import ContextOverflow
+
+    with pytest.raises(ContextOverflow, match="n_ctx"):
+        batched.generate(GenerationRequest(prompt="word " * 3000, max_tokens=4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -129,10 +130,28 @@ def test_mirostat_v2_truncates_by_surprise_and_updates_mu() -> None:
     assert sampler.mu == pytest.approx(1.0 - 0.1 * (0.0 - 0.5))
 
 
-def test_sampling_params_from_request_extras_and_validation() -> None:
-    req = GenerationRequest(prompt="x", temperature=0.5, extra={"typical_p": 0.9, "mirostat": 2, "penalty_last_n": 8})
+def test_mirostat_v1_keeps_k_tokens_from_the_zipf_estimate_and_updates_mu() -> None:
+    # a Zipf distribution with exponent 1.5 over 1000 tokens: s_hat recovers 1.5 from the top tokens
+    zipf = np.array([1.0 / (i + 1) ** 1.5 for i in range(1000)])
+    logits = np.log(zipf / zipf.sum()).astype(np.float32)
+    low = S.Sampler(S.SamplingParams(temperature=1.0, mirostat=1, mirostat_tau=0.25, mirostat_eta=0.1, seed=0))
+    assert low.mu == 0.5
+    # k = (0.5 * 2^0.5 / (1 - 1000^-0.5))^(1/1.5) = 0.9 -> 1: only the top token survives
+    assert {S.Sampler(low.params).sample(logits) for _ in range(20)} == {0}
+    surprise = -math.log2(1.0)  # the one survivor is renormalised to p = 1
+    assert low.sample(logits) == 0 and low.mu == pytest.approx(0.5 - 0.1 * (surprise - 0.25))
+    high = S.SamplingParams(temperature=1.0, mirostat=1, mirostat_tau=8.0, seed=0)
+    assert len({S.Sampler(dataclasses.replace(high, seed=s)).sample(logits) for s in range(40)}) > 5
+
+
+def test_sampling_params_from_request_fields_and_validation() -> None:
+    req = GenerationRequest(prompt="x", temperature=0.5, typical_p=0.9, mirostat_mode=1, penalty_last_n=8,
+                            mirostat_tau=3.0, mirostat_eta=0.2)
     params = S.SamplingParams.from_request(req)
-    assert (params.temperature, params.typical_p, params.mirostat, params.penalty_last_n) == (0.5, 0.9, 2, 8)
-    for bad in ({"typical_p": "high"}, {"mirostat": 1}, {"typical_p": 0.0}, {"mirostat_tau": -1.0}):
+    assert (params.temperature, params.typical_p, params.mirostat, params.penalty_last_n) == (0.5, 0.9, 1, 8)
+    assert (params.mirostat_tau, params.mirostat_eta) == (3.0, 0.2)
+    lifted = S.SamplingParams.from_request(GenerationRequest(prompt="x", extra={"typical_p": 0.8, "mirostat": 2}))
+    assert (lifted.typical_p, lifted.mirostat) == (0.8, 2)  # the old extra spelling still works
+    for bad in ({"typical_p": "high"}, {"mirostat": 3}, {"typical_p": 0.0}, {"mirostat_tau": -1.0}):
         with pytest.raises(InvalidRequest):
-            S.SamplingParams.from_request(GenerationRequest(prompt="x", extra=bad))
+            GenerationRequest.of(prompt="x", extra=bad)

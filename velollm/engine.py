@@ -15,9 +15,11 @@ Backend
 Engine
     ``max_concurrency: int`` (requests the pool lets in at once; default 1),
     ``turn_free_methods: frozenset[str]`` (methods that do not run the model and need no turn;
-    default :data:`TURN_FREE_METHODS`), ``embed`` (see :class:`EmbeddingEngine`).
-Read them with :func:`backend_priority`, :func:`backend_auto_select`, :func:`engine_concurrency`
-and :func:`engine_turn_free_methods`.
+    default :data:`TURN_FREE_METHODS`), ``embed`` (see :class:`EmbeddingEngine`),
+    ``request_extras: frozenset[str] | None`` (the keys of ``GenerationRequest.extra`` it
+    understands; default none, so any key is refused; ``None``: passed on, e.g. to a server).
+Read them with :func:`backend_priority`, :func:`backend_auto_select`, :func:`engine_concurrency`,
+:func:`engine_turn_free_methods` and :func:`check_request_extras`.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from velollm.errors import GenerationError, InvalidRequest, validated
+from velollm.errors import GenerationError, InvalidRequest, UnsupportedFeature, validated
 
 if TYPE_CHECKING:
     from velollm.hardware import HardwareProbe
@@ -41,6 +43,15 @@ TURN_FREE_METHODS = frozenset({"tokenize", "detokenize", "token_text", "is_end_o
 DEFAULT_BACKEND_PRIORITY = 100
 
 FinishReason = Literal["stop", "length"]
+#: KV cache element types llama.cpp offers (``type_k`` / ``type_v``; quantised V needs flash attention).
+KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+#: ggml's NUMA strategies, in llama.cpp's order (``GGML_NUMA_STRATEGY_*``).
+NUMA_STRATEGIES = ("disabled", "distribute", "isolate", "numactl", "mirror")
+NumaStrategy = Literal["disabled", "distribute", "isolate", "numactl", "mirror"]
+#: Sampling settings that older callers put in ``GenerationRequest.extra``: lifted into their fields.
+SAMPLING_EXTRAS = {"typical_p": "typical_p", "penalty_last_n": "penalty_last_n", "repeat_last_n": "penalty_last_n",
+                   "mirostat": "mirostat_mode", "mirostat_mode": "mirostat_mode", "mirostat_tau": "mirostat_tau",
+                   "mirostat_eta": "mirostat_eta"}
 
 
 class ChatMessage(BaseModel):
@@ -56,7 +67,10 @@ class GenerationRequest(BaseModel):
     """What to generate. Exactly one of ``messages`` (chat) or ``prompt`` (raw text) is set.
 
     Sampling names follow llama.cpp so users can carry their settings over unchanged;
-    ``temperature=0`` means greedy decoding.
+    ``temperature=0`` means greedy decoding. The pipeline is llama.cpp's: penalties over the last
+    ``penalty_last_n`` generated tokens, then top-k, typical-p, top-p, min-p, temperature and the
+    draw; ``mirostat_mode`` 1 or 2 replaces everything after the temperature. ``extra`` carries
+    backend-specific settings; an engine refuses keys it does not know (:func:`check_request_extras`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -71,6 +85,11 @@ class GenerationRequest(BaseModel):
     repeat_penalty: float = Field(default=1.0, gt=0.0)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    penalty_last_n: int = Field(default=64, ge=-1)  # generated tokens the penalties look back on; -1: all, 0: off
+    typical_p: float = Field(default=1.0, gt=0.0, le=1.0)  # 1: off
+    mirostat_mode: int = Field(default=0, ge=0, le=2)  # 0: off, 1: mirostat, 2: mirostat 2.0
+    mirostat_tau: float = Field(default=5.0, gt=0.0)  # target surprise, in bits
+    mirostat_eta: float = Field(default=0.1, gt=0.0)  # learning rate
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     grammar: str | None = None
@@ -81,6 +100,22 @@ class GenerationRequest(BaseModel):
     def of(cls, **fields: Any) -> GenerationRequest:
         """Build a request, turning pydantic's validation errors into :class:`InvalidRequest`."""
         return validated(cls, fields, "generation request")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_sampling_extras(cls, data: Any) -> Any:
+        """``extra={"typical_p": 0.5}`` (how sampling knobs were passed before they had fields) sets the field."""
+        extra = data.get("extra") if isinstance(data, dict) else None
+        if not isinstance(extra, dict) or not any(key in SAMPLING_EXTRAS for key in extra):
+            return data
+        data, extra = dict(data), dict(extra)
+        for key in [k for k in extra if k in SAMPLING_EXTRAS]:
+            name, value = SAMPLING_EXTRAS[key], extra.pop(key)
+            if data.get(name, value) != value:
+                raise InvalidRequest(f"'{name}' is given twice with different values (as a field and as extra.{key})")
+            data[name] = value
+        data["extra"] = extra
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
@@ -183,10 +218,14 @@ class LoadOptions(BaseModel):
     n_gpu_layers: int = 0
     use_mmap: bool = True
     use_mlock: bool = False
-    numa: bool = False
+    numa: NumaStrategy = "disabled"  # how llama.cpp spreads threads and memory over NUMA nodes (True: distribute)
     seed: int | None = None
     n_batch: int = Field(default=512, ge=1)
     flash_attn: bool = False
+    type_k: KVCacheType = "f16"  # KV cache element types (llama.cpp's --cache-type-k / -v)
+    type_v: KVCacheType = "f16"
+    # share of the offloaded layers per GPU, in the backend's device order (placement sets it for multi-GPU plans)
+    tensor_split: list[float] | None = None
     chat_format: str | None = None
     # speculative decoding (the llama.cpp backend: plugins/llamacpp/speculative): a drafter makes "auto" the default
     speculative: Literal["auto", "draft", "lookup", "off"] | None = None
@@ -195,6 +234,21 @@ class LoadOptions(BaseModel):
     n_draft: int | None = Field(default=None, ge=1, le=32)  # most tokens per draft; the exact number when forced
     draft_p_min: float = Field(default=0.5, ge=0.0, le=1.0)  # the draft stops when its top probability is lower
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("numa", mode="before")
+    @classmethod
+    def _numa_from_bool(cls, value: Any) -> Any:
+        """The old boolean: True meant llama.cpp's ``--numa distribute``."""
+        if isinstance(value, bool):
+            return "distribute" if value else "disabled"
+        return value
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _check_split(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(v < 0 for v in value) or not sum(value) > 0):
+            raise ValueError("tensor_split needs non-negative shares with a positive sum")
+        return value
 
 
 class Device(BaseModel):
@@ -303,6 +357,23 @@ def engine_turn_free_methods(engine: Any) -> frozenset[str]:
     """Methods of ``engine`` that need no turn (declared ``turn_free_methods``, else the defaults)."""
     declared = getattr(engine, "turn_free_methods", None)
     return frozenset(declared) if declared is not None else TURN_FREE_METHODS
+
+
+def check_request_extras(engine: Any, request: GenerationRequest) -> None:
+    """Refuse ``request.extra`` keys the engine does not declare in ``request_extras`` (none by default).
+
+    An option the engine would silently ignore is worse than a refusal: the user thinks it worked.
+    """
+    if not request.extra:
+        return
+    known = getattr(engine, "request_extras", frozenset())
+    if known is None:  # passed on as they are (a remote server decides)
+        return
+    unknown = sorted(set(request.extra) - set(known))
+    if unknown:
+        listed = ", ".join(sorted(known)) or "none"
+        raise UnsupportedFeature(f"{getattr(engine, 'name', 'this engine')} does not understand extra "
+                                 f"{', '.join(repr(k) for k in unknown)} (the extra keys it knows: {listed})")
 
 
 def collect_stream(chunks: Iterator[Chunk], model: str = "") -> Completion:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from velollm.engine import Chunk, Completion, Engine, GenerationRequest, Usage
+from velollm.engine import Chunk, Completion, Engine, GenerationRequest, Usage, check_request_extras
 from velollm.errors import (
     AuthenticationFailed,
     BackendNotFound,
@@ -70,7 +70,11 @@ IGNORED = frozenset({
 })
 
 #: Sampling parameters beyond OpenAI's that llama.cpp, vLLM and llama-server also accept.
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "seed")
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "seed",
+             "typical_p", "mirostat_tau", "mirostat_eta")
+#: llama.cpp server spellings -> GenerationRequest fields
+_SAMPLING_ALIASES = {"mirostat": "mirostat_mode", "mirostat_mode": "mirostat_mode",
+                     "repeat_last_n": "penalty_last_n", "penalty_last_n": "penalty_last_n"}
 
 
 @dataclass
@@ -206,6 +210,11 @@ def generation_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     penalty = params.get("repeat_penalty", params.get("repetition_penalty"))
     if penalty is not None:
         fields["repeat_penalty"] = penalty
+    for alias, name in _SAMPLING_ALIASES.items():
+        if params.get(alias) is not None:
+            if fields.get(name, params[alias]) != params[alias]:
+                raise InvalidRequest(f"'{alias}' disagrees with another spelling of '{name}'")
+            fields[name] = params[alias]
     max_tokens = _int_param(params, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int_param(params, "max_tokens")
@@ -271,9 +280,9 @@ def _check_known(params: Mapping[str, Any], known: frozenset[str]) -> None:
         raise InvalidRequest(f"unrecognized request argument(s): {', '.join(unknown)}")
 
 
-_COMMON = frozenset({*_SAMPLING, "repeat_penalty", "repetition_penalty", "max_tokens", "max_completion_tokens",
-                     "stop", "response_format", "grammar", "n", "stream", "model", "load_options",
-                     "keep_alive"})
+_COMMON = frozenset({*_SAMPLING, *_SAMPLING_ALIASES, "repeat_penalty", "repetition_penalty", "max_tokens",
+                     "max_completion_tokens", "stop", "response_format", "grammar", "n", "stream", "model",
+                     "load_options", "keep_alive"})
 CHAT_KEYS = _COMMON | {"messages"}
 COMPLETION_KEYS = _COMMON | {"prompt"}
 
@@ -336,6 +345,7 @@ def check_for_engine(request: GenerationRequest, engine: Engine) -> None:
         raise UnsupportedFeature(f"{engine.name} does not support grammars")
     if request.messages is not None and not caps.chat:
         raise UnsupportedFeature(f"{engine.name} has no chat mode; use a completion with a prompt")
+    check_request_extras(engine, request)
     n_ctx = engine.context_length
     if n_ctx and request.max_tokens is not None and request.max_tokens > n_ctx:
         raise InvalidRequest(f"max_tokens={request.max_tokens} is larger than the model's context window ({n_ctx})")
@@ -498,8 +508,9 @@ def openai_body(request: GenerationRequest, model: str, *, sampling_extras: bool
                 stream: bool = False) -> tuple[str, dict[str, Any]]:
     """``(endpoint, body)`` that asks an OpenAI-compatible server for this request.
 
-    ``sampling_extras`` also sends top_k/min_p/repetition_penalty, which vLLM, llama.cpp's and
-    velollm's servers accept; OpenAI itself would reject them.
+    ``sampling_extras`` also sends top_k/min_p/repetition_penalty (and typical_p, mirostat,
+    repeat_last_n when set), which llama.cpp's and velollm's servers accept (vLLM the first three);
+    OpenAI itself would reject them, so without it a request that sets them is refused.
     """
     body: dict[str, Any] = {"model": model, "temperature": request.temperature, "top_p": request.top_p}
     if request.max_tokens is not None:
@@ -512,10 +523,21 @@ def openai_body(request: GenerationRequest, model: str, *, sampling_extras: bool
         body["frequency_penalty"] = request.frequency_penalty
     if request.presence_penalty:
         body["presence_penalty"] = request.presence_penalty
+    llama_only = {"typical_p": ("typical_p", 1.0), "mirostat_mode": ("mirostat", 0),
+                  "mirostat_tau": ("mirostat_tau", 5.0), "mirostat_eta": ("mirostat_eta", 0.1),
+                  "penalty_last_n": ("repeat_last_n", 64)}
     if sampling_extras:
         body.update(top_k=request.top_k, min_p=request.min_p)
         if request.repeat_penalty != 1.0:
             body["repetition_penalty"] = request.repeat_penalty
+        for name, (wire, default) in llama_only.items():
+            if getattr(request, name) != default:
+                body[wire] = getattr(request, name)
+    else:
+        beyond = [n for n in ("top_k", "min_p", "repeat_penalty", *llama_only) if n in request.model_fields_set]
+        if beyond:
+            raise UnsupportedFeature(f"this server takes OpenAI's sampling parameters only; remove "
+                                     f"{', '.join(beyond)} (or enable sampling_extras for a llama.cpp/vLLM server)")
     if request.json_schema is not None:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "output", "schema": request.json_schema, "strict": True}}

@@ -67,6 +67,8 @@ class PlacementOptions(BaseModel):
     n_ctx: int | None = Field(default=None, ge=16)
     n_gpu_layers: int | None = None  # a user override; -1 = all
     n_threads: int | None = Field(default=None, ge=1)
+    parallel: int | None = Field(default=None, ge=1)  # sequences decoded together (one shared KV cache)
+    batch_ctx: int = Field(default=32768, ge=16)  # parallel > 1: the shared cache gets the trained length, up to this
     use_mmap: bool | None = None
     use_mlock: bool | None = None
     kv_cache_type: str = "f16"  # sizes the estimate; LoadOptions has no KV type yet, so backends load their default
@@ -93,7 +95,7 @@ class PlacementOptions(BaseModel):
         fields: dict[str, Any] = {"backend": backend}
         if options is not None:
             explicit = options.model_fields_set
-            for name in ("n_ctx", "n_threads", "n_gpu_layers", "use_mmap", "use_mlock"):
+            for name in ("n_ctx", "n_threads", "parallel", "n_gpu_layers", "use_mmap", "use_mlock"):
                 if name in explicit:
                     fields[name] = getattr(options, name)
             fields["n_batch"] = options.n_batch
@@ -145,6 +147,7 @@ class Plan(BaseModel):
     block_count: int = 0
     gpu_layers: int = 0  # repeating layers on accelerators (the output head is counted apart)
     output_on_gpu: bool = False
+    parallel: int = 1  # sequences decoded together; they share the n_ctx-token KV cache
     devices: list[DeviceUse] = Field(default_factory=list)
     ram_bytes: int = 0  # system RAM outside unified-memory devices
     weights_bytes: int = 0
@@ -168,8 +171,11 @@ class Plan(BaseModel):
     def load_options(self, base: LoadOptions | None = None) -> LoadOptions:
         """The backend's LoadOptions: the caller's other settings, with placement's choices."""
         base = base or LoadOptions()
-        return base.model_copy(update=dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
-                                           use_mmap=self.use_mmap, use_mlock=self.use_mlock))
+        update = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                      use_mmap=self.use_mmap, use_mlock=self.use_mlock)
+        if self.parallel > 1:
+            update["parallel"] = self.parallel
+        return base.model_copy(update=update)
 
     def explain(self) -> list[str]:
         lines = [f"{d.topic}: {d.value} — {d.reason}" for d in self.decisions]
@@ -385,6 +391,11 @@ def _context(info: ModelInfo, options: PlacementOptions) -> tuple[int, str]:
         if trained and options.n_ctx > trained:
             return trained, f"requested {options.n_ctx}, capped to the {trained} tokens the model was trained on"
         return options.n_ctx, "requested"
+    if (options.parallel or 1) > 1:
+        wanted = min(trained or options.default_ctx, options.batch_ctx)
+        return wanted, (f"{options.parallel} parallel sequences share one KV cache, so it gets the model's trained "
+                        f"context ({trained or 'unknown'} tokens, at most {options.batch_ctx}) where memory allows: "
+                        "one long prompt (an optimizer's) fits, short ones share it")
     if trained and trained <= options.default_ctx:
         return trained, f"the model's full trained context ({trained} tokens)"
     return options.default_ctx, (f"default {options.default_ctx} (the model was trained on {trained or 'unknown'} "
@@ -443,6 +454,10 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
     decisions.append(Decision(topic="n_ctx", value=fit.n_ctx, reason=ctx_reason))
     decisions.append(_offload_decision(name, fit, devices, probe, options, n))
     decisions.append(threads)
+    if (options.parallel or 1) > 1:
+        decisions.append(Decision(topic="parallel", value=options.parallel,
+                                  reason=f"requested: up to {options.parallel} requests decode together, sharing the "
+                                         f"{fit.n_ctx}-token KV cache (a prompt waits while the cache is full)"))
     use_mmap = True if options.use_mmap is None else options.use_mmap
     decisions.append(Decision(topic="use_mmap", value=use_mmap, reason="requested" if options.use_mmap is not None else
                               "weights are mapped from the file: fast loads, one copy in the page cache shared by "
@@ -463,7 +478,8 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
             for j, d in enumerate(devices) if fit.device_bytes[j] > 0]
     n_gpu_layers = fit.gpu_layers + (1 if fit.output_on_gpu else 0)
     companion = options.companion_at(fit.n_ctx)
-    plan = Plan(model=model, backend=name, n_ctx=fit.n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads.value,
+    plan = Plan(model=model, backend=name, n_ctx=fit.n_ctx, parallel=options.parallel or 1,
+                n_gpu_layers=n_gpu_layers, n_threads=threads.value,
                 use_mmap=use_mmap, use_mlock=decisions[-3].value, block_count=n, gpu_layers=fit.gpu_layers,
                 output_on_gpu=fit.output_on_gpu, devices=uses, ram_bytes=fit.ram_bytes + companion,
                 weights_bytes=needs.weights_bytes, kv_bytes=needs.kv_bytes, compute_bytes=needs.compute_bytes,

@@ -219,6 +219,7 @@ class RemoteEngine:
         self.spec = spec
         self.model_path = model_path or Path(spec.base_url)
         self.max_concurrency = spec.max_concurrency
+        self.request_extras = None  # GenerationRequest.extra goes into the request body: the server decides
         headers = dict(spec.headers)
         key = spec.resolved_api_key()
         if key:

@@ -31,7 +31,8 @@ from velollm.errors import (
 _ROLES = {"user": "user", "assistant": "assistant", "developer": "system", "tool": "tool"}
 
 #: Sampling knobs a caller may set through ``Config.extensions`` (llama.cpp names).
-EXTENSION_KEYS = frozenset({"min_p", "repeat_penalty", "grammar"})
+EXTENSION_KEYS = frozenset({"min_p", "repeat_penalty", "grammar", "typical_p", "penalty_last_n", "mirostat_mode",
+                            "mirostat_tau", "mirostat_eta"})
 
 
 def _text_of(parts: Any, where: str) -> str:

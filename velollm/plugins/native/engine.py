@@ -15,7 +15,9 @@ Load options (``LoadOptions.extra``):
                          computed in a different batch shape, which in ``ggml`` numerics can move
                          logits slightly; off, every request computes from scratch and the same
                          request (and seed) always gives the same output.
-Request extras: ``typical_p``, ``penalty_last_n``, ``mirostat`` (2), ``mirostat_tau``, ``mirostat_eta``.
+Sampling: every field of ``GenerationRequest`` (llama.cpp's pipeline, :mod:`.sampling`); no request
+extras (any ``extra`` key is refused). The KV cache is float32: ``type_k``/``type_v`` other than
+f16/f32 are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from velollm.engine import (
     LoadOptions,
     Timings,
     Usage,
+    check_request_extras,
     collect_stream,
 )
 from velollm.errors import (
@@ -112,6 +115,12 @@ class NativeEngine:
         self._closed = False
         self._last_eog = False
         self._reused = 0
+        self.request_extras: frozenset[str] = frozenset()
+        quantised = [f"{name}={value}" for name, value in (("type_k", options.type_k), ("type_v", options.type_v))
+                     if value not in ("f16", "f32")]
+        if quantised:
+            raise UnsupportedFeature(f"the native backend keeps its KV cache in float32; {', '.join(quantised)} "
+                                     "needs a llamacpp backend")
         extra = dict(options.extra)
         mode = extra.pop("numerics", "ggml")
         if mode not in MODES:
@@ -252,6 +261,7 @@ class NativeEngine:
         if request.grammar is not None or request.json_schema is not None:
             raise UnsupportedFeature("the native backend has no constrained decoding (grammar / json_schema); "
                                      "use a llamacpp backend for those requests")
+        check_request_extras(self, request)
         params = SamplingParams.from_request(request)
         prompt = self.prompt_tokens(request)
         if len(prompt) >= self.context_length:

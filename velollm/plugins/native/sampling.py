@@ -1,10 +1,10 @@
 """The sampling pipeline, stage by stage, with llama.cpp's semantics and order.
 
-llama-cpp-python (and so the llama.cpp engine) builds this chain for every generation:
+The llama.cpp engine builds this chain for every generation (:mod:`velollm.plugins.llamacpp.sampling`):
 penalties -> top-k -> typical -> top-p -> min-p -> temperature -> random pick; temperature 0
-swaps the tail for greedy argmax (after the penalties), and mirostat v2 replaces everything
-after the penalties. Each stage here takes and returns a :class:`Candidates` set, so stages can
-be tested on hand-built logits and composed freely.
+swaps the tail for greedy argmax (after the penalties), and mirostat (v1 or v2) replaces
+everything after the temperature, as in llama.cpp's ``common_sampler``. Each stage here takes
+and returns a :class:`Candidates` set, so stages can be tested on hand-built logits and composed freely.
 
 Note the order: top-p and min-p look at the distribution *before* temperature, as in llama.cpp.
 """
@@ -14,10 +14,14 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from velollm.errors import InvalidRequest
+
+#: llama.cpp's mirostat v1 estimates the Zipf exponent from this many top tokens (its default)
+MIROSTAT_M = 100
 
 
 @dataclass
@@ -176,28 +180,18 @@ class SamplingParams:
     mirostat_eta: float = 0.1
     seed: int | None = None
 
-    _EXTRA = {"typical_p": float, "penalty_last_n": int, "mirostat": int, "mirostat_mode": int,
-              "mirostat_tau": float, "mirostat_eta": float}
-
     @classmethod
     def from_request(cls, request: object) -> SamplingParams:
-        """Read a GenerationRequest; the less common knobs come from ``request.extra``."""
+        """Read a :class:`~velollm.engine.GenerationRequest` (which validated the ranges already)."""
+        r: Any = request
         params = cls(
-            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,  # type: ignore[attr-defined]
-            min_p=request.min_p, repeat_penalty=request.repeat_penalty,  # type: ignore[attr-defined]
-            frequency_penalty=request.frequency_penalty,  # type: ignore[attr-defined]
-            presence_penalty=request.presence_penalty, seed=request.seed,  # type: ignore[attr-defined]
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p, typical_p=r.typical_p,
+            repeat_penalty=r.repeat_penalty, frequency_penalty=r.frequency_penalty,
+            presence_penalty=r.presence_penalty, penalty_last_n=r.penalty_last_n, mirostat=r.mirostat_mode,
+            mirostat_tau=r.mirostat_tau, mirostat_eta=r.mirostat_eta, seed=r.seed,
         )
-        extra = getattr(request, "extra", {}) or {}
-        for key, kind in cls._EXTRA.items():
-            if key not in extra:
-                continue
-            value = extra[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidRequest(f"extra.{key} must be a number, not {value!r}")
-            setattr(params, "mirostat" if key == "mirostat_mode" else key, kind(value))
-        if params.mirostat not in (0, 2):
-            raise InvalidRequest(f"mirostat={params.mirostat}: the native backend implements mirostat 2 (or 0: off)")
+        if params.mirostat not in (0, 1, 2):
+            raise InvalidRequest(f"mirostat_mode={params.mirostat}: 0 (off), 1 or 2")
         if not 0.0 < params.typical_p <= 1.0:
             raise InvalidRequest(f"typical_p must be in (0, 1], not {params.typical_p}")
         if params.penalty_last_n < -1:
@@ -225,6 +219,8 @@ class Sampler:
             c = penalties(c, list(self.history), p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
         if p.temperature == 0.0:
             token = greedy(c)
+        elif p.mirostat == 1:
+            token = self._mirostat_v1(temperature(c, p.temperature), len(logits))
         elif p.mirostat == 2:
             token = self._mirostat_v2(temperature(c, p.temperature))
         else:
@@ -241,17 +237,43 @@ class Sampler:
         if self.history.maxlen != 0:
             self.history.append(token)
 
+    def _draw(self, c: Candidates) -> int:
+        """Sample an index of the (softmaxed, sorted) candidates; mu moves toward tau by the surprise seen."""
+        p = self.params
+        cum = np.cumsum(c.probs.astype(np.float64))  # type: ignore[union-attr]
+        index = min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), len(c) - 1)
+        observed = -math.log2(max(float(c.probs[index]), 1e-30))  # type: ignore[index]
+        self.mu -= p.mirostat_eta * (observed - p.mirostat_tau)
+        return index
+
+    def _mirostat_v1(self, c: Candidates, n_vocab: int) -> int:
+        """Mirostat 1.0 (llama.cpp's): estimate the Zipf exponent s from the top tokens, keep the k
+        tokens that make the expected surprise mu, sample, steer mu toward tau."""
+        c = softmax(c)
+        probs = c.probs.astype(np.float64)  # type: ignore[union-attr]
+        m = min(MIROSTAT_M - 1, len(c) - 1)
+        s_hat = 1.0
+        if m > 0:
+            i = np.arange(m, dtype=np.float64)
+            t = np.log((i + 2) / (i + 1))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                b = np.log(probs[:m] / probs[1:m + 1])
+            ok = np.isfinite(b)
+            if ok.any() and (t[ok] ** 2).sum() > 0:
+                s_hat = float((t[ok] * b[ok]).sum() / (t[ok] ** 2).sum())
+        eps = s_hat - 1.0
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            k = ((eps * 2.0 ** self.mu) / (1.0 - float(n_vocab) ** -eps)) ** (1.0 / s_hat)
+        keep = len(c) if not np.isfinite(k) else min(max(int(k), 1), len(c))  # inf (s_hat = 1): keep all
+        c = softmax(c.take(slice(0, keep)))
+        return int(c.ids[self._draw(c)])
+
     def _mirostat_v2(self, c: Candidates) -> int:
         """Mirostat 2.0: cut tokens more surprising than mu, sample, steer mu toward tau."""
-        p = self.params
         c = softmax(c)
         with np.errstate(divide="ignore"):
             surprise = -np.log2(c.probs.astype(np.float64))  # type: ignore[union-attr]
         over = np.nonzero(surprise > self.mu)[0]
         c = c.take(slice(0, max(int(over[0]) if over.size else len(c), 1)))
         c = softmax(c)
-        cum = np.cumsum(c.probs.astype(np.float64))  # type: ignore[union-attr]
-        index = min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), len(c) - 1)
-        observed = -math.log2(max(float(c.probs[index]), 1e-30))  # type: ignore[index]
-        self.mu -= p.mirostat_eta * (observed - p.mirostat_tau)
-        return int(c.ids[index])
+        return int(c.ids[self._draw(c)])
