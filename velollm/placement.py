@@ -71,7 +71,8 @@ class PlacementOptions(BaseModel):
     batch_ctx: int = Field(default=32768, ge=16)  # parallel > 1: the shared cache gets the trained length, up to this
     use_mmap: bool | None = None
     use_mlock: bool | None = None
-    kv_cache_type: str = "f16"  # sizes the estimate; LoadOptions has no KV type yet, so backends load their default
+    kv_cache_type: str = "f16"  # K cache element type (LoadOptions.type_k), and V's unless kv_cache_type_v says
+    kv_cache_type_v: str | None = None  # LoadOptions.type_v when it differs
     n_batch: int = Field(default=512, ge=1)
     flash_attn: bool = False
     default_ctx: int = Field(default=4096, ge=16)  # Ollama's and llama-cpp-python's usual default
@@ -100,18 +101,29 @@ class PlacementOptions(BaseModel):
                     fields[name] = getattr(options, name)
             fields["n_batch"] = options.n_batch
             fields["flash_attn"] = options.flash_attn
+            fields["kv_cache_type"] = options.type_k
+            if options.type_v != options.type_k:
+                fields["kv_cache_type_v"] = options.type_v
         fields.update(overrides)
         return cls(**fields)
 
     @property
-    def kv_bytes_per_element(self) -> float:
-        try:
-            return KV_CACHE_TYPES[self.kv_cache_type]
-        except KeyError:
-            from velollm.errors import InvalidRequest
+    def kv_types(self) -> str:
+        """``q8_0``, or ``q8_0/f16`` when K and V differ (for decisions)."""
+        v = self.kv_cache_type_v or self.kv_cache_type
+        return self.kv_cache_type if v == self.kv_cache_type else f"{self.kv_cache_type}/{v}"
 
-            raise InvalidRequest(f"unknown KV cache type {self.kv_cache_type!r}; "
-                                 f"known: {', '.join(KV_CACHE_TYPES)}") from None
+    @property
+    def kv_bytes_per_element(self) -> float:
+        """Mean bytes per cached element of K and V (they hold as many elements each)."""
+        sizes = []
+        for kind in (self.kv_cache_type, self.kv_cache_type_v or self.kv_cache_type):
+            if kind not in KV_CACHE_TYPES:
+                from velollm.errors import InvalidRequest
+
+                raise InvalidRequest(f"unknown KV cache type {kind!r}; known: {', '.join(KV_CACHE_TYPES)}")
+            sizes.append(KV_CACHE_TYPES[kind])
+        return sum(sizes) / 2
 
 
 class Decision(BaseModel):
@@ -149,6 +161,8 @@ class Plan(BaseModel):
     output_on_gpu: bool = False
     parallel: int = 1  # sequences decoded together; they share the n_ctx-token KV cache
     devices: list[DeviceUse] = Field(default_factory=list)
+    # offloaded layers per device, in the backend's device order, when several share them (llama.cpp's tensor_split)
+    tensor_split: list[float] | None = None
     ram_bytes: int = 0  # system RAM outside unified-memory devices
     weights_bytes: int = 0
     kv_bytes: int = 0
@@ -171,10 +185,12 @@ class Plan(BaseModel):
     def load_options(self, base: LoadOptions | None = None) -> LoadOptions:
         """The backend's LoadOptions: the caller's other settings, with placement's choices."""
         base = base or LoadOptions()
-        update = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
-                      use_mmap=self.use_mmap, use_mlock=self.use_mlock)
+        update: dict[str, Any] = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers,
+                                      use_mmap=self.use_mmap, use_mlock=self.use_mlock)
         if self.parallel > 1:
             update["parallel"] = self.parallel
+        if self.tensor_split is not None and base.tensor_split is None:  # an explicit split wins
+            update["tensor_split"] = list(self.tensor_split)
         return base.model_copy(update=update)
 
     def explain(self) -> list[str]:
@@ -463,7 +479,7 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
                               "weights are mapped from the file: fast loads, one copy in the page cache shared by "
                               "every process, pages the OS can drop instead of swapping"))
     decisions.append(_mlock_decision(fit, probe, options))
-    decisions.append(Decision(topic="kv_cache", value=f"{options.kv_cache_type}, {fmt_bytes(needs.kv_bytes)}",
+    decisions.append(Decision(topic="kv_cache", value=f"{options.kv_types}, {fmt_bytes(needs.kv_bytes)}",
                               reason=f"{fit.n_ctx} tokens × {info.block_count} layers at "
                                      f"{options.kv_bytes_per_element:g} bytes per element"))
     decisions.append(Decision(topic="memory", value=fmt_bytes(needs.total_bytes),
@@ -477,11 +493,20 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
                       free_bytes=d.free_bytes, unified_memory=d.unified_memory)
             for j, d in enumerate(devices) if fit.device_bytes[j] > 0]
     n_gpu_layers = fit.gpu_layers + (1 if fit.output_on_gpu else 0)
+    split: list[float] | None = None
+    if len(devices) > 1 and fit.gpu_layers:
+        split = [float(fit.device_layers[j] + (j == fit.head_device)) for j in range(len(devices))]
+        decisions.append(Decision(topic="tensor_split", value=split,
+                                  reason="llama.cpp splits the offloaded layers over "
+                                         + ", ".join(d.id for d in devices) + " in these proportions, as planned "
+                                         "(its default splits by free memory, ignoring the compute buffer on the "
+                                         "first device, so its split could differ from the plan)"))
     companion = options.companion_at(fit.n_ctx)
+    use_mlock = next(d.value for d in decisions if d.topic == "use_mlock")
     plan = Plan(model=model, backend=name, n_ctx=fit.n_ctx, parallel=options.parallel or 1,
                 n_gpu_layers=n_gpu_layers, n_threads=threads.value,
-                use_mmap=use_mmap, use_mlock=decisions[-3].value, block_count=n, gpu_layers=fit.gpu_layers,
-                output_on_gpu=fit.output_on_gpu, devices=uses, ram_bytes=fit.ram_bytes + companion,
+                use_mmap=use_mmap, use_mlock=use_mlock, block_count=n, gpu_layers=fit.gpu_layers,
+                output_on_gpu=fit.output_on_gpu, devices=uses, tensor_split=split, ram_bytes=fit.ram_bytes + companion,
                 weights_bytes=needs.weights_bytes, kv_bytes=needs.kv_bytes, compute_bytes=needs.compute_bytes,
                 decisions=decisions)
     if companion:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from velollm.engine import (
     LoadOptions,
     Timings,
     Usage,
+    check_request_extras,
     collect_stream,
 )
 from velollm.errors import (
@@ -38,10 +38,15 @@ from velollm.errors import (
 from velollm.gguf import info as gguf_info
 from velollm.limits import check_grammar
 from velollm.plugins.llamacpp import log as llamacpp_log
+from velollm.plugins.llamacpp.sampling import SequenceSampler, is_greedy, random_seed
 from velollm.textstream import TokenTextStream
 
+#: ``GenerationRequest.extra`` keys this engine understands (anything else is refused)
+REQUEST_EXTRAS = frozenset({"speculative", "grammar_check"})
 #: the ``Llama``'s own context when a batch decoder holds the KV cache (it only tokenizes then)
 BATCH_LLAMA_CTX = 512
+#: ggml type ids of the KV cache types (``LoadOptions.type_k`` / ``type_v``)
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
 def default_threads() -> int:
@@ -56,10 +61,39 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def is_greedy(request: GenerationRequest) -> bool:
-    """Plain argmax decoding: no temperature and no penalties that depend on history."""
-    return (request.temperature == 0 and request.repeat_penalty == 1
-            and not request.frequency_penalty and not request.presence_penalty)
+def load_kwargs(info: gguf_info.ModelInfo, options: LoadOptions, *, offload: bool) -> dict[str, Any]:
+    """``Llama(...)`` keyword arguments for ``options`` (every load option that reaches llama.cpp goes here)."""
+    import llama_cpp
+
+    from velollm.engine import NUMA_STRATEGIES
+
+    if options.type_v not in ("f32", "f16", "bf16") and not options.flash_attn:
+        raise InvalidRequest(f"type_v={options.type_v}: llama.cpp quantises the V cache only with flash_attn=True")
+    kwargs: dict[str, Any] = dict(
+        n_ctx=options.n_ctx or min(info.context_length or 4096, 4096),
+        n_threads=options.n_threads or default_threads(),
+        # llama-cpp-python defaults prompt threads to cpu_count(), ignoring n_threads (llama.cpp
+        # itself uses n_threads): on a busy 2-core machine that made prefill ~6x slower
+        n_threads_batch=options.n_threads or default_threads(),
+        n_gpu_layers=options.n_gpu_layers if offload else 0,
+        use_mmap=options.use_mmap,
+        use_mlock=options.use_mlock,
+        numa=NUMA_STRATEGIES.index(options.numa),  # GGML_NUMA_STRATEGY_*
+        n_batch=options.n_batch,
+        flash_attn=options.flash_attn,
+        type_k=KV_TYPES[options.type_k],
+        type_v=KV_TYPES[options.type_v],
+        verbose=False,
+    )
+    if options.tensor_split is not None and offload:
+        if len(options.tensor_split) > llama_cpp.LLAMA_MAX_DEVICES:
+            raise InvalidRequest(f"tensor_split has {len(options.tensor_split)} shares; this llama.cpp build "
+                                 f"handles {llama_cpp.LLAMA_MAX_DEVICES} devices")
+        kwargs["tensor_split"] = list(options.tensor_split)
+    if options.seed is not None:
+        kwargs["seed"] = options.seed
+    kwargs.update(options.extra)
+    return kwargs
 
 
 class LlamaCppEngine:
@@ -84,7 +118,8 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
         self._speculator: Any = None  # a speculative.Speculator when speculative decoding is configured
-        self._runner: Any = None  # velollm.plugins.llamacpp.runner.LlamaRunner, made on the first constrained request
+        self._runner: Any = None  # velollm.plugins.llamacpp.runner.LlamaRunner, made on the first request
+        self.request_extras = REQUEST_EXTRAS
         self._batch: Any = None  # a batch.BatchDecoder when LoadOptions.parallel > 1 (continuous batching)
         self.max_concurrency = 1  # requests the pool lets in at once (the batch's sequences)
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
@@ -98,27 +133,11 @@ class LlamaCppEngine:
     def open(cls, info: gguf_info.ModelInfo, options: LoadOptions, *, backend: str, offload: bool) -> LlamaCppEngine:
         from llama_cpp import Llama
 
-        kwargs: dict[str, Any] = dict(
-            n_ctx=options.n_ctx or min(info.context_length or 4096, 4096),
-            n_threads=options.n_threads or default_threads(),
-            # llama-cpp-python defaults prompt threads to cpu_count(), ignoring n_threads (llama.cpp
-            # itself uses n_threads): on a busy 2-core machine that made prefill ~6x slower
-            n_threads_batch=options.n_threads or default_threads(),
-            n_gpu_layers=options.n_gpu_layers if offload else 0,
-            use_mmap=options.use_mmap,
-            use_mlock=options.use_mlock,
-            numa=options.numa,
-            n_batch=options.n_batch,
-            flash_attn=options.flash_attn,
-            verbose=False,
-        )
-        if options.seed is not None:
-            kwargs["seed"] = options.seed
+        kwargs = load_kwargs(info, options, offload=offload)
         if options.speculative is not None or options.draft_model or options.prompt_lookup:
             from velollm.plugins.llamacpp import speculative
 
             speculative.plan(options)  # bad speculative options fail before the model loads
-        kwargs.update(options.extra)
         if kwargs.get("embedding"):  # pooling and batch sizes for embeddings: velollm.plugins.llamacpp.embed
             from velollm.plugins.llamacpp import embed as llamacpp_embed
 
@@ -269,14 +288,11 @@ class LlamaCppEngine:
         if self._batch is None and self._owner == threading.get_ident():
             raise InvalidRequest("this thread is already generating on this engine (an unfinished stream?)")
         # validate before taking the lock, so bad requests fail fast and never touch the model
+        check_request_extras(self, request)
         prompt = self.prompt_tokens(request)
         n_ctx = self.context_length
         if len(prompt) >= n_ctx:
-            trained = self.info.context_length
-            raise ContextOverflow(
-                f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}: load the model with a larger "
-                f"n_ctx (LoadOptions.n_ctx, velollm.LM(n_ctx=...), velollm serve --ctx)"
-                + (f"; it was trained on {trained} tokens" if trained else ""))
+            raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}")
         grammar = self.grammar_for(request)
         if self._batch is not None:  # continuous batching: the request joins the running batch
             from velollm.plugins.llamacpp import batch
@@ -297,36 +313,50 @@ class LlamaCppEngine:
             finally:
                 self._owner = None
 
-    def _vanilla_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any) -> Iterator[list[int]]:
-        """llama-cpp-python's own decode loop, one token per group."""
-        tokens = self._llama.generate(
-            prompt, top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
-            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty, grammar=grammar,
-        )
-        try:
-            for token in tokens:
-                yield [token]
-        finally:
-            tokens.close()
+    def sampler_for(self, request: GenerationRequest, seed: int | None = None, grammar: Any = None) -> SequenceSampler:
+        """The request's own llama.cpp sampler chain (:mod:`.sampling`), optionally with a grammar in it."""
+        return SequenceSampler(request, n_vocab=self._llama.n_vocab(), n_ctx=self.context_length, seed=seed,
+                               grammar=None if grammar is None else (self._vocab, grammar._grammar))
 
-    def _grammar_groups(self, request: GenerationRequest, grammar: Any, prompt: list[int],
-                        max_new: int) -> Iterator[list[int]]:
-        """Constrained decoding that asks the grammar about the chosen token only (:mod:`llamacpp_grammar`)."""
-        from velollm.plugins.llamacpp.grammar import grammar_tokens
+    def _get_runner(self) -> Any:
         from velollm.plugins.llamacpp.runner import LlamaRunner
 
         if self._runner is None:
             self._runner = LlamaRunner(self._llama)
-        chain = None if is_greedy(request) else self._llama._init_sampler(
-            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
-            repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty, grammar=None,
-        )
-        return grammar_tokens(self._runner, self._vocab, grammar._grammar, prompt, max_new,
-                              self.is_end_of_generation, chain)
+        return self._runner
 
-    def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any,
+    def _vanilla_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, seed: int,
+                        max_new: int) -> Iterator[list[int]]:
+        """One token per group: argmax, or the request's sampler chain (with the grammar in it, if any)."""
+        runner = self._get_runner()
+        chain = None if grammar is None and is_greedy(request) else self.sampler_for(request, seed, grammar)
+        try:
+            runner.refresh()
+            runner.sync(prompt)  # reuses the cached prefix
+            for n in range(max_new):
+                token = runner.argmax(-1) if chain is None else chain.sample(runner.ctx, -1)
+                yield [token]
+                if self.is_end_of_generation(token) or n + 1 == max_new:
+                    return
+                runner.feed([token])
+        finally:
+            if chain is not None:
+                chain.close()
+
+    def _grammar_groups(self, request: GenerationRequest, grammar: Any, prompt: list[int], seed: int,
+                        max_new: int) -> Iterator[list[int]]:
+        """Constrained decoding that asks the grammar about the chosen token only (:mod:`.grammar`)."""
+        from velollm.plugins.llamacpp.grammar import grammar_tokens
+
+        chain = None if is_greedy(request) else self.sampler_for(request, seed)
+        try:
+            yield from grammar_tokens(self._get_runner(), self._vocab, grammar._grammar, prompt, max_new,
+                                      self.is_end_of_generation, chain)
+        finally:
+            if chain is not None:
+                chain.close()
+
+    def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any, seed: int,
                             max_new: int) -> Iterator[list[int]]:
         """Verified groups from the speculator (:mod:`velollm.plugins.llamacpp.speculative`)."""
         from velollm.plugins.llamacpp.speculative.speculator import ChainPicker, GreedyPicker
@@ -335,11 +365,7 @@ class LlamaCppEngine:
         if grammar is None and is_greedy(request):
             pick: Any = GreedyPicker(spec.runner)
         else:
-            pick = ChainPicker(spec.runner, self._llama._init_sampler(
-                top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, temp=request.temperature,
-                repeat_penalty=request.repeat_penalty, frequency_penalty=request.frequency_penalty,
-                presence_penalty=request.presence_penalty, grammar=grammar,
-            ))
+            pick = ChainPicker(spec.runner, self.sampler_for(request, seed, grammar))
         return spec.run(prompt, pick, mode, max_new, self.is_end_of_generation)
 
     def _decode(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any) -> Iterator[Chunk]:
@@ -349,14 +375,14 @@ class LlamaCppEngine:
         first: float | None = None
         budget = self.context_length - len(prompt)
         max_new = min(request.max_tokens or budget, budget)
-        self._llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        seed = request.seed if request.seed is not None else random_seed()
         speculating = mode != "off"
         if speculating:
-            groups = self._speculative_groups(request, prompt, grammar, mode, max_new)
+            groups = self._speculative_groups(request, prompt, grammar, mode, seed, max_new)
         elif grammar is not None and request.extra.get("grammar_check") != "full":
-            groups = self._grammar_groups(request, grammar, prompt, max_new)
+            groups = self._grammar_groups(request, grammar, prompt, seed, max_new)
         else:
-            groups = self._vanilla_groups(request, prompt, grammar)
+            groups = self._vanilla_groups(request, prompt, grammar, seed, max_new)
         text = TokenTextStream(request.stop)
         n_out, finish = 0, "length"
         try:
