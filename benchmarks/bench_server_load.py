@@ -11,6 +11,11 @@ other; velollm's pool keeps both loaded and runs them side by side.
     .venv/bin/python benchmarks/bench_server_load.py [--requests 200] [--concurrency 8]
                                                      [--max-tokens 8] [--only velollm|llama_cpp] [--json]
 
+Parallel decoding (issue 16): one model, several concurrency levels, velollm with ``--parallel``:
+
+    .venv/bin/python benchmarks/bench_server_load.py --models qwen --concurrency-list 1 4 8 \
+        --parallel 8 --threads 2 --requests 40 --max-tokens 16
+
 llama-cpp-python's server needs extras that velollm does not: ``pip install sse-starlette
 starlette-context pydantic-settings`` into the venv (only for this benchmark).
 """
@@ -119,26 +124,31 @@ def model_paths() -> dict[str, Path]:
     return {GEMMA: pull(GEMMA), QWEN: pull(QWEN)}
 
 
-def start_velollm(n_ctx: int) -> tuple[Process, str]:
+def start_velollm(n_ctx: int, models: list[str] = [GEMMA, QWEN], parallel: int | None = None,  # noqa: B006
+                  threads: int | None = None) -> tuple[Process, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "velollm.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "-m", GEMMA, "-m", QWEN, "--ctx", str(n_ctx), "--preload", "--log-level", "warning"]
+           *[arg for m in models for arg in ("-m", m)], "--ctx", str(n_ctx), "--preload", "--log-level", "warning"]
+    if parallel:
+        cmd += ["--parallel", str(parallel)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = Process("velollm", cmd, f"http://127.0.0.1:{port}")
     proc.wait_ready("/health")
     return proc, f"{proc.root}/v1"
 
 
-def start_llama_cpp(paths: dict[str, Path], n_ctx: int) -> tuple[Process, str]:
+def start_llama_cpp(paths: dict[str, Path], n_ctx: int, models: list[str] = [GEMMA, QWEN],  # noqa: B006
+                    threads: int | None = None) -> tuple[Process, str]:
     port = free_port()
-    threads = os.cpu_count() or 1
-    config = {
-        "host": "127.0.0.1", "port": port,
-        "models": [
-            {"model": str(paths[GEMMA]), "model_alias": GEMMA, "n_ctx": n_ctx, "chat_format": "gemma",
-             "n_threads": threads, "verbose": False},
-            {"model": str(paths[QWEN]), "model_alias": QWEN, "n_ctx": n_ctx, "n_threads": threads, "verbose": False},
-        ],
+    threads = threads or os.cpu_count() or 1
+    entries = {
+        GEMMA: {"model": str(paths[GEMMA]), "model_alias": GEMMA, "n_ctx": n_ctx, "chat_format": "gemma",
+                "n_threads": threads, "n_threads_batch": threads, "verbose": False},
+        QWEN: {"model": str(paths[QWEN]), "model_alias": QWEN, "n_ctx": n_ctx, "n_threads": threads,
+               "n_threads_batch": threads, "verbose": False},
     }
+    config = {"host": "127.0.0.1", "port": port, "models": [entries[m] for m in models]}
     cfg = tempfile.NamedTemporaryFile("w", prefix="bench-llama-cpp-", suffix=".json", delete=False)  # noqa: SIM115
     json.dump(config, cfg)
     cfg.close()
@@ -158,14 +168,15 @@ def _complete(data: Any) -> tuple[bool, int]:
         return False, 0
 
 
-async def load(name: str, base_url: str, requests: int, concurrency: int, max_tokens: int) -> Result:
+async def load(name: str, base_url: str, requests: int, concurrency: int, max_tokens: int,
+               models: tuple[str, ...] = (GEMMA, QWEN)) -> Result:
     result = Result(name, requests, concurrency)
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
 
         async def one(i: int) -> None:
-            model = (GEMMA, QWEN)[i % 2]
+            model = models[i % len(models)]
             body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                     "max_tokens": max_tokens, "temperature": 0}
             async with gate:
@@ -186,9 +197,9 @@ async def load(name: str, base_url: str, requests: int, concurrency: int, max_to
                 result.latencies.append(elapsed)
                 result.completion_tokens += tokens
 
-        for warm in range(2):  # load both models (and, for velollm, warm both engines) before timing
+        for model in models:  # load the models (and, for velollm, warm the engines) before timing
             await client.post("/chat/completions", json={
-                "model": (GEMMA, QWEN)[warm], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(requests)))
         result.wall_s = time.perf_counter() - start
@@ -196,7 +207,8 @@ async def load(name: str, base_url: str, requests: int, concurrency: int, max_to
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("server", "ok", "errors", "incomplete", "wall_s", "req_per_s", "p50_s", "p95_s", "max_s", "tokens_per_s")
+    header = ("server", "concurrency", "ok", "errors", "incomplete", "wall_s", "req_per_s", "p50_s", "p95_s",
+              "tokens_per_s")
     print(" | ".join(f"{h:>16}" for h in header))
     print("-" * (19 * len(header)))
     for row in rows:
@@ -214,31 +226,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--only", choices=("velollm", "llama_cpp"))
+    parser.add_argument("--models", choices=("both", "qwen", "gemma"), default="both")
+    parser.add_argument("--concurrency-list", type=int, nargs="+", help="run each level (overrides --concurrency)")
+    parser.add_argument("--parallel", type=int, default=None, help="velollm serve --parallel N")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads for both servers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if not 1 <= args.requests <= 5000 or not 1 <= args.concurrency <= 64:
+    levels = args.concurrency_list or [args.concurrency]
+    if not 1 <= args.requests <= 5000 or not all(1 <= c <= 64 for c in levels):
         parser.error("keep the load bounded: 1..5000 requests, 1..64 concurrent")
     paths = model_paths()
+    models = {"both": [GEMMA, QWEN], "qwen": [QWEN], "gemma": [GEMMA]}[args.models]
     rows = []
-    starters = {"velollm": lambda: start_velollm(args.ctx), "llama_cpp": lambda: start_llama_cpp(paths, args.ctx)}
+    starters = {"velollm": lambda: start_velollm(args.ctx, models, args.parallel, args.threads),
+                "llama_cpp": lambda: start_llama_cpp(paths, args.ctx, models, args.threads)}
+    print(f"start: load average {os.getloadavg()} (shared machine)", file=sys.stderr)
     for name, start in starters.items():
         if args.only and name != args.only:
             continue
         proc, base_url = start()
         try:
-            result = asyncio.run(load(name, base_url, args.requests, args.concurrency, args.max_tokens))
+            for level in levels:
+                result = asyncio.run(load(name, base_url, args.requests, level, args.max_tokens, tuple(models)))
+                rows.append(result.summary())
+                print(f"{name}: concurrency {level} done in {result.wall_s:.1f} s (load {os.getloadavg()[0]:.1f})",
+                      file=sys.stderr)
         finally:
             proc.stop()
-        rows.append(result.summary())
-        print(f"{name}: done in {result.wall_s:.1f} s", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"\n{args.requests} chat requests, concurrency {args.concurrency}, {GEMMA} and {QWEN} alternating, "
-              f"max_tokens={args.max_tokens}, greedy, loopback\n")
+        print(f"\n{args.requests} chat requests per level, concurrency {levels}, {' and '.join(models)}"
+              f"{' alternating' if len(models) > 1 else ''}, max_tokens={args.max_tokens}, greedy, loopback, "
+              f"velollm --parallel {args.parallel or 'default'}; end load average {os.getloadavg()}\n")
         print_table(rows)
-        if len(rows) == 2 and rows[1]["req_per_s"]:
-            print(f"\nvelollm / llama_cpp.server throughput: {rows[0]['req_per_s'] / rows[1]['req_per_s']:.2f}x")
+        by = {(r["server"], r["concurrency"]): r for r in rows}
+        for level in levels:
+            ours, theirs = by.get(("velollm", level)), by.get(("llama_cpp", level))
+            if ours and theirs and theirs["req_per_s"]:
+                print(f"concurrency {level}: velollm / llama_cpp.server throughput "
+                      f"{ours['req_per_s'] / theirs['req_per_s']:.2f}x")
     return 0 if all(r["errors"] == 0 and r["incomplete"] == 0 for r in rows) else 1
 
 

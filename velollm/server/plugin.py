@@ -49,6 +49,8 @@ def serve(
         "--cors-origin", help="A browser origin allowed to call the server (repeatable; '*' for any).")] = None,
     ctx: Annotated[int | None, typer.Option("--ctx", help="Context window for loaded models.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", help="Requests each model decodes together (continuous batching, shared prefix cache).")] = None,
     preload: Annotated[bool, typer.Option(help="Load every served model before accepting requests.")] = False,
     allow_any_model: Annotated[bool, typer.Option(
         help="Also serve any local model reference a client names (never remote: ones).")] = False,
@@ -68,7 +70,8 @@ def serve(
     if not team.models and not model:  # nothing named: every pulled catalogue model (so --ctx etc. apply to them)
         model = list(pulled_catalogue_models())
     team = team_config.apply_flags(team, models=model, host=host, port=port, api_keys_file=api_key_file,
-                                   cors_origins=cors_origin, ctx=ctx, threads=threads, preload=preload,
+                                   cors_origins=cors_origin, ctx=ctx, threads=threads, parallel=parallel,
+                                   preload=preload,
                                    allow_any_model=allow_any_model)
     if check:
         lines, ok = team_config.check_report(team, str(config_file) if config_file else "")
