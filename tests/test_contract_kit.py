@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from velollm.engine import Chunk, Completion, GenerationRequest, LoadOptions, Usage
+from velollm.engine import PLUGIN_API_VERSION, Chunk, Completion, GenerationRequest, LoadOptions, Usage
+from velollm.errors import UnsupportedFeature
 from velollm.plugins.llamacpp import LlamaCppBackend
 from velollm.plugins.native import NativeBackend
 from velollm.testing import RULES, BackendContract, Subject, run_rules
+
+pytest_plugins = ["pytester"]
 
 OPTIONS = LoadOptions(n_ctx=512, n_threads=1)  # one thread: llama.cpp's spinning workers starve on a busy machine
 
@@ -164,3 +167,59 @@ def test_a_backend_breaking_one_rule_fails_that_rule_alone(broken: str | None, g
     assert set(failed) == ({broken} if broken else set()), failed
     assert all(r.outcome == "passed" for name, r in results.items() if name != broken)
 
+
+
+class NoTokenizerEngine(BrokenEngine):
+    """An honest engine without a public tokenizer: declares tokenize=False and refuses it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner, None)
+        self.capabilities = self.capabilities.model_copy(update={"tokenize": False})
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        raise UnsupportedFeature("this engine has no public tokenizer")
+
+
+class NoTokenizerBackend(BrokenBackend):
+    def load(self, model_file: Path, options: LoadOptions) -> BrokenEngine:
+        engine = NoTokenizerEngine(self.inner.load(model_file, options))
+        self.engines.append(engine)
+        return engine
+
+
+def test_a_rule_that_does_not_apply_is_skipped_and_the_denial_checked(gemma_path: Path, tmp_path: Path) -> None:
+    backend = NoTokenizerBackend(None)
+    subject = Subject(backend, gemma_path, OPTIONS, workdir=tmp_path)
+    try:
+        results = run_rules(subject, ["tokenize", "capabilities", "close"])
+    finally:
+        for engine in backend.engines:
+            engine.repair()
+    assert {name: r.outcome for name, r in results.items()} == {
+        "tokenize": "skipped", "capabilities": "passed", "close": "passed"}, results
+    assert "tokenize=False" in results["tokenize"].message
+
+
+def test_the_kit_runs_as_a_pytest_plugin(pytester: pytest.Pytester, gemma_path: Path) -> None:
+    """What a plugin's own test file does: the plugin module, a class-scoped classmethod fixture, the rules."""
+    pytester.makepyfile(test_mine="""
+        import pytest
+        from velollm.plugins.llamacpp import LlamaCppBackend
+        from velollm.testing import BackendContract
+
+        pytest_plugins = ["velollm.testing.plugin"]
+
+        class TestMine(BackendContract):
+            @pytest.fixture(scope="class")
+            @classmethod
+            def backend(cls):
+                return LlamaCppBackend("cpu")
+
+            @pytest.fixture(scope="class")
+            @classmethod
+            def model_file(cls, velollm_model_file):
+                return velollm_model_file
+    """)
+    result = pytester.runpytest_subprocess("-k", "load or tokenize or optional_members", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"velollm *, plugin API {PLUGIN_API_VERSION} (velollm.testing contract kit)"])

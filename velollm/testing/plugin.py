@@ -2,7 +2,7 @@
 
 It adds what a plugin's tests need around :class:`velollm.testing.BackendContract`: a real small
 model file (``VELOLLM_CONTRACT_MODEL``, default Gemma 270M, pulled once into the velollm cache), a
-fresh plugin host, and a report header naming the velollm version and plugin API the run checked.
+fresh plugin host, and a summary line naming the velollm version and plugin API the run checked.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import pytest
 from velollm.testing.contract import DEFAULT_MODEL
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name what the run checked against (a summary, not a header: a test module may load this plugin late)."""
     from velollm import __version__
     from velollm.engine import PLUGIN_API_VERSION
 
-    return f"velollm {__version__}, plugin API {PLUGIN_API_VERSION} (velollm.testing contract kit)"
+    line = f"velollm {__version__}, plugin API {PLUGIN_API_VERSION} (velollm.testing contract kit)"
+    terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 import velollm
 from velollm.testing import BackendContract
 
-# Fixtures around the kit: a real small model (`velollm_model_file`) and a report header.
+# Fixtures around the kit: a real small model (`velollm_model_file`), and a summary line naming the plugin API.
 pytest_plugins = ["velollm.testing.plugin"]
 
 
