@@ -232,12 +232,21 @@ def place(
 
 
 # --- generation ---------------------------------------------------------------------------------
-def _load(model: str, backend: str | None, ctx: int | None, threads: int | None):  # -> Engine
+def _load(model: str, backend: str | None, ctx: int | None, threads: int | None,
+          n_gpu_layers: int | None = None):  # -> Engine
     """An engine from the process-wide pool; its ``close()`` ends the lease (keep_alive 0: unload)."""
     from velollm.pool import get_pool
 
-    options = {k: v for k, v in {"n_ctx": ctx, "n_threads": threads}.items() if v is not None}
+    options = {k: v for k, v in {"n_ctx": ctx, "n_threads": threads, "n_gpu_layers": n_gpu_layers}.items()
+               if v is not None}
     return get_pool().acquire(model, backend=backend, keep_alive=0, **options).engine
+
+
+# the load flags of generate / chat (llama.cpp's spellings; serve has its own in velollm.server.plugin)
+CtxOption = Annotated[int | None, typer.Option("-c", "--ctx", "--ctx-size", help="Context window in tokens.")]
+ThreadsOption = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.")]
+GpuLayersOption = Annotated[int | None, typer.Option(
+    "-ngl", "--n-gpu-layers", "--gpu-layers", help="Layers to offload to the GPU (-1: all; default: placement).")]
 
 
 @app.command()
@@ -247,25 +256,38 @@ def generate(
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Tokens to generate at most.")] = 128,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn in the model's chat template.")] = False,
     temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.8,
-    top_k: int = 40,
-    top_p: float = 0.95,
-    min_p: float = 0.05,
-    repeat_penalty: float = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed (same seed, same text).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p")] = 0.05,
+    typical_p: Annotated[float, typer.Option("--typical", "--typical-p", help="Locally typical sampling (1: off).")]
+    = 1.0,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty")] = 1.0,
+    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n", help="Tokens the penalties look back on "
+                                               "(-1: all, 0: off).")] = 64,
+    frequency_penalty: Annotated[float, typer.Option("--frequency-penalty")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option("--presence-penalty")] = 0.0,
+    mirostat: Annotated[int, typer.Option("--mirostat", help="Mirostat sampling: 0 off, 1, or 2 (2.0).")] = 0,
+    mirostat_lr: Annotated[float, typer.Option("--mirostat-lr", help="Mirostat learning rate, eta.")] = 0.1,
+    mirostat_ent: Annotated[float, typer.Option("--mirostat-ent", help="Mirostat target entropy, tau.")] = 5.0,
+    seed: Annotated[int | None, typer.Option("-s", "--seed", help="Sampling seed (same seed, same text).")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     backend: Annotated[str | None, typer.Option(help="Backend name (see `velollm probe`).")] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window in tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    ctx: CtxOption = None,
+    threads: ThreadsOption = None,
+    n_gpu_layers: GpuLayersOption = None,
 ) -> None:
     """Stream a completion to stdout; timings (TTFT, tok/s, total) go to stderr."""
     from velollm.engine import GenerationRequest
 
     text = sys.stdin.read() if prompt == "-" else prompt
     fields: dict[str, Any] = dict(max_tokens=n_predict, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop or [])
+                                  min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                  penalty_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
+                                  presence_penalty=presence_penalty, mirostat_mode=mirostat,
+                                  mirostat_eta=mirostat_lr, mirostat_tau=mirostat_ent, seed=seed, stop=stop or [])
     fields.update(messages=[{"role": "user", "content": text}]) if chat else fields.update(prompt=text)
     request = GenerationRequest.of(**fields)
-    engine = _load(model, backend, ctx, threads)
+    engine = _load(model, backend, ctx, threads, n_gpu_layers)
     try:
         final = None
         for chunk in engine.stream(request):
@@ -288,13 +310,16 @@ def chat_command(
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict")] = 512,
     temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.7,
+    seed: Annotated[int | None, typer.Option("-s", "--seed", help="Sampling seed.")] = None,
     backend: Annotated[str | None, typer.Option()] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx")] = None,
+    ctx: CtxOption = None,
+    threads: ThreadsOption = None,
+    n_gpu_layers: GpuLayersOption = None,
 ) -> None:
     """Chat in the terminal (one line per turn; an empty line or EOF ends the chat)."""
     from velollm.engine import GenerationRequest
 
-    engine = _load(model, backend, ctx, None)
+    engine = _load(model, backend, ctx, threads, n_gpu_layers)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     try:
@@ -305,7 +330,8 @@ def chat_command(
             if not line.strip():
                 break
             messages.append({"role": "user", "content": line.strip()})
-            request = GenerationRequest.of(messages=messages, max_tokens=n_predict, temperature=temperature)
+            request = GenerationRequest.of(messages=messages, max_tokens=n_predict, temperature=temperature,
+                                           seed=seed)
             reply = []
             for chunk in engine.stream(request):
                 sys.stdout.write(chunk.text)

@@ -47,8 +47,11 @@ def serve(
     ] = None,
     cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", help="A browser origin allowed to call the server (repeatable; '*' for any).")] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window for loaded models.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "--ctx-size", help="Context window for loaded models "
+                                            "(-c is --config here).")] = None,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads per model.")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option(
+        "-ngl", "--n-gpu-layers", help="Layers each model offloads to the GPU (-1: all; default: placement).")] = None,
     parallel: Annotated[int | None, typer.Option(
         "--parallel", help="Requests each model decodes together (continuous batching, shared prefix cache).")] = None,
     preload: Annotated[bool, typer.Option(help="Load every served model before accepting requests.")] = False,
@@ -70,7 +73,8 @@ def serve(
     if not team.models and not model:  # nothing named: every pulled catalogue model (so --ctx etc. apply to them)
         model = list(pulled_catalogue_models())
     team = team_config.apply_flags(team, models=model, host=host, port=port, api_keys_file=api_key_file,
-                                   cors_origins=cors_origin, ctx=ctx, threads=threads, parallel=parallel,
+                                   cors_origins=cors_origin, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers,
+                                   parallel=parallel,
                                    preload=preload,
                                    allow_any_model=allow_any_model)
     if check:

@@ -66,6 +66,68 @@ def speedup(spec: Stats, vanilla: Stats) -> Ratio:
     return Ratio(value=s, stddev=s * math.hypot(spec.stddev / spec.mean, vanilla.stddev / vanilla.mean))
 
 
+class Paired(BaseModel):
+    """A speedup from paired runs: the mean of per-pair ratios and its standard error (SE = sd/√n).
+
+    The two modes of a pair ran back to back on one engine, so machine drift (a busy neighbour)
+    hits both; the per-pair ratio cancels it, where the ratio of two means carries it twice.
+    """
+
+    value: float
+    se: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} ± {self.se:.3f} (SE, {self.n} pairs)"
+
+
+def paired(ratios: Sequence[float]) -> Paired | None:
+    """Mean and standard error of per-pair ratios (None without a pair)."""
+    values = [float(r) for r in ratios if r > 0 and math.isfinite(r)]
+    if not values:
+        return None
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return Paired(value=statistics.fmean(values), se=se, n=len(values))
+
+
+def pair_ratios(vanilla: Sequence[Sample], spec: Sequence[Sample]) -> tuple[list[float], list[float]]:
+    """Per iteration: (speculative / vanilla decode tok/s, vanilla / speculative total seconds)."""
+    by_iteration = {s.iteration: s for s in vanilla}
+    decode, total = [], []
+    for s in spec:
+        ref = by_iteration.get(s.iteration)
+        if ref is None:
+            continue
+        if ref.tokens_per_s > 0 and s.tokens_per_s > 0:
+            decode.append(s.tokens_per_s / ref.tokens_per_s)
+        if ref.total_s > 0 and s.total_s > 0:
+            total.append(ref.total_s / s.total_s)
+    return decode, total
+
+
+def verdict(speculation: dict[str, Any] | None, measured: Paired | None = None) -> list[str]:
+    """What the cost model says this machine allows, in words (and how the measurement compares)."""
+    if not speculation:
+        return []
+    lines = []
+    ceiling = speculation.get("ceiling") or {}
+    best = None
+    if speculation.get("draft_model") and speculation.get("draft_cost") is not None and ceiling.get("draft"):
+        best = float(ceiling["draft"])
+        lines.append(f"the draft {speculation['draft_model']} costs {speculation['draft_cost']:.2f} of the target per "
+                     f"token; the best it can reach here (every drafted token accepted) is {best:.2f}×"
+                     + ("" if best > 1 else ": drafting cannot pay on this machine"))
+    if speculation.get("lookup") and ceiling.get("lookup"):
+        look = float(ceiling["lookup"])
+        best = max(best or 0.0, look)
+        lines.append(f"prompt lookup drafts for free; verifying a batch costs what the batch-cost table says, so its "
+                     f"best here is {look:.2f}×")
+    if measured is not None and best:
+        lines.append(f"measured {measured.value:.2f}× ± {measured.se:.2f} (SE), {measured.value / best:.0%} of that "
+                     "ceiling")
+    return lines
+
+
 def mean_ratio(ratios: Sequence[Ratio]) -> Ratio:
     """The mean of independent ratios; σ = √(Σσᵢ²)/n."""
     if not ratios:
@@ -144,6 +206,8 @@ class PromptSummary(BaseModel):
     vanilla: ModeSummary | None = None
     speculative: ModeSummary
     speedup: Ratio | None = None
+    paired_speedup: Paired | None = None  # decode tok/s, per-pair ratios
+    total_speedup: Paired | None = None  # wall time of the whole request (prompt included), per-pair ratios
     acceptance_rate: float = 0.0
     drafted: int = 0
     accepted: int = 0
@@ -155,7 +219,10 @@ class PromptSummary(BaseModel):
 class Summary(BaseModel):
     prompts: list[PromptSummary]
     speedup: Ratio | None = None  # mean of the per-prompt speedups
+    paired_speedup: Paired | None = None  # decode tok/s: every pair of every prompt
+    total_speedup: Paired | None = None  # total request time: every pair of every prompt
     by_category: dict[str, Ratio] = Field(default_factory=dict)
+    verdict: list[str] = Field(default_factory=list)  # the cost model's reading of this machine
 
 
 class BenchReport(BaseModel):
@@ -272,14 +339,18 @@ def run(engine: Engine, config: BenchConfig, *, progress: Callable[[str], None] 
                     progress(f"{prompt.name} {mode} #{iteration + 1}")
     machine["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     tokenize = getattr(engine, "tokenize", None)
+    summary = summarize(config, samples, tokenize)
+    summary.verdict = verdict(engine.speculation, summary.paired_speedup)
     return BenchReport(timestamp=started, config=config, machine=machine, speculation=engine.speculation,
-                       samples=samples, summary=summarize(config, samples, tokenize))
+                       samples=samples, summary=summary)
 
 
 def summarize(config: BenchConfig, samples: Sequence[Sample],
               tokenize: Callable[..., list[int]] | None = None) -> Summary:
     """Per prompt: stats per mode, speedup ± σ, acceptance, predicted vs measured, greedy agreement."""
     out: list[PromptSummary] = []
+    all_decode: list[float] = []
+    all_total: list[float] = []
     for prompt in config.prompts:
         van = [s for s in samples if s.prompt == prompt.name and s.mode == "vanilla"]
         spec = [s for s in samples if s.prompt == prompt.name and s.mode != "vanilla"]
@@ -287,11 +358,15 @@ def summarize(config: BenchConfig, samples: Sequence[Sample],
             continue
         spec_summary = _mode_summary(spec)
         van_summary = _mode_summary(van) if van else None
+        decode, total = pair_ratios(van, spec)
+        all_decode += decode
+        all_total += total
         drafted = sum(s.speculation.get("drafted", 0) for s in spec)
         accepted = sum(s.speculation.get("accepted", 0) for s in spec)
         out.append(PromptSummary(
             prompt=prompt.name, category=prompt.category, vanilla=van_summary, speculative=spec_summary,
             speedup=speedup(spec_summary.tokens_per_s, van_summary.tokens_per_s) if van_summary else None,
+            paired_speedup=paired(decode), total_speedup=paired(total),
             acceptance_rate=accepted / drafted if drafted else 0.0, drafted=drafted, accepted=accepted,
             predicted_speedup=statistics.fmean(s.speculation.get("predicted_speedup", 1.0) for s in spec),
             modelled_speedup=statistics.fmean(s.speculation.get("modelled_speedup", 1.0) for s in spec),
@@ -302,8 +377,8 @@ def summarize(config: BenchConfig, samples: Sequence[Sample],
     for p in out:
         if p.speedup is not None and p.category:
             categories.setdefault(p.category, []).append(p.speedup)
-    return Summary(prompts=out, speedup=mean_ratio(ratios) if ratios else None,
-                   by_category={c: mean_ratio(r) for c, r in categories.items()})
+    return Summary(prompts=out, speedup=mean_ratio(ratios) if ratios else None, paired_speedup=paired(all_decode),
+                   total_speedup=paired(all_total), by_category={c: mean_ratio(r) for c, r in categories.items()})
 
 
 def _mode_summary(samples: Sequence[Sample]) -> ModeSummary:

@@ -10,7 +10,8 @@ import typer
 
 def bench(
     main_model: Annotated[str, typer.Option("--main-model", "-m", help="Path, catalogue name or hf: reference.")],
-    draft_model: Annotated[str | None, typer.Option(help="A smaller model of the same family to draft with.")] = None,
+    draft_model: Annotated[str | None, typer.Option("--draft-model", "-d", "-md",
+                                                    help="A smaller model of the same family to draft with.")] = None,
     mode: Annotated[str, typer.Option(help="auto (the cost model decides), draft, lookup.")] = "auto",
     lookup: Annotated[bool, typer.Option("--lookup/--no-lookup", help="Offer prompt lookup drafting.")] = True,
     n_draft: Annotated[int | None, typer.Option(help="Most tokens per draft (auto); exactly this many (forced).")]
@@ -19,15 +20,18 @@ def bench(
     prompt: Annotated[list[str] | None, typer.Option("-p", "--prompt", help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="JSON list, or text with '---' lines between prompts.")]
     = None,
-    iterations: Annotated[int, typer.Option(min=1)] = 5,
+    iterations: Annotated[int, typer.Option("--iterations", "-i", min=1, help="Measured runs per prompt and mode.")]
+    = 5,
     warmup: Annotated[int, typer.Option(min=0)] = 1,
     skip_vanilla: Annotated[bool, typer.Option(help="Run only the speculative mode.")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON report here.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send prompts as raw text, not as a chat turn.")] = False,
     temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.0,
     seed: int = 1234,
-    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window in tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    ctx: Annotated[int | None, typer.Option("-c", "--ctx", "--ctx-size", help="Context window in tokens.")] = None,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload to the GPU "
+                                                     "(-1: all; default: placement).")] = None,
 ) -> None:
     """Vanilla vs speculative decoding, interleaved in one run: tok/s, TTFT, total, speedup ± σ, acceptance."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -50,8 +54,11 @@ def bench(
         n_predict=n_predict, iterations=iterations, warmup=warmup, skip_vanilla=skip_vanilla, chat=not raw,
         temperature=temperature, seed=seed, n_ctx=ctx, threads=threads, prompts=prompts,
     )
-    options = LoadOptions(n_ctx=ctx, n_threads=threads, speculative=mode, draft_model=draft_model,
-                          prompt_lookup=lookup, n_draft=n_draft)
+    fields: dict[str, Any] = dict(n_ctx=ctx, n_threads=threads, speculative=mode, draft_model=draft_model,
+                                  prompt_lookup=lookup, n_draft=n_draft)
+    if n_gpu_layers is not None:  # only an explicit value overrides placement
+        fields["n_gpu_layers"] = n_gpu_layers
+    options = LoadOptions(**fields)
     err.print(f"[dim]loading {main_model}" + (f" + draft {draft_model}" if draft_model else "")
               + " and measuring the batch-cost table...[/dim]")
     engine = load_engine(main_model, options=options)
@@ -106,8 +113,15 @@ def print_report(report: Any, console: Any) -> None:
                 agree,
             )
     console.print(table)
-    if report.summary.speedup is not None:
-        console.print(f"[bold]speedup (mean over prompts): {report.summary.speedup}[/bold]")
-    for category, ratio in report.summary.by_category.items():
+    summary = report.summary
+    if summary.speedup is not None:
+        console.print(f"speedup, ratio of mean decode tok/s (mean over prompts, propagated σ): {summary.speedup}")
+    if summary.paired_speedup is not None:
+        console.print(f"[bold]decode speedup, paired interleaved runs: {summary.paired_speedup}[/bold]")
+    if summary.total_speedup is not None:
+        console.print(f"[bold]total-time speedup (whole requests, prompt included): {summary.total_speedup}[/bold]")
+    for category, ratio in summary.by_category.items():
         console.print(f"  {category}: {ratio}")
+    for line in summary.verdict:
+        console.print(f"[bold]verdict:[/bold] {line}")
 
