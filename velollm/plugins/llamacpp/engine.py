@@ -213,6 +213,7 @@ class LlamaCppEngine:
     # --- tokens ---------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
+        self._check_open()  # a freed context segfaults when asked
         return self._batch.n_ctx if self._batch is not None else int(self._llama.n_ctx())
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
