@@ -223,3 +223,19 @@ def test_the_kit_runs_as_a_pytest_plugin(pytester: pytest.Pytester, gemma_path: 
     result = pytester.runpytest_subprocess("-k", "load or tokenize or optional_members", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines([f"velollm *, plugin API {PLUGIN_API_VERSION} (velollm.testing contract kit)"])
+
+
+def test_an_embedding_engine_is_held_to_its_embeddings(gemma_path: Path, tmp_path: Path) -> None:
+    """capabilities.embeddings true: embed() must give vectors; claiming it without embed() fails the rule."""
+    options = OPTIONS.model_copy(update={"extra": {"embedding": True}})
+    honest = Subject(LlamaCppBackend("cpu"), gemma_path, options, workdir=tmp_path)
+    claiming = Subject(BrokenBackend(None), gemma_path, OPTIONS, workdir=tmp_path)
+    try:
+        assert honest.engine.capabilities.embeddings
+        assert run_rules(honest, ["capabilities"])["capabilities"].outcome == "passed"
+        claiming.engine.capabilities.embeddings = True  # the wrapper has no embed()
+        result = run_rules(claiming, ["capabilities"])["capabilities"]
+        assert result.outcome == "failed" and "no EmbeddingEngine" in result.message
+    finally:
+        honest.close()
+        claiming.close()

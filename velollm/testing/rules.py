@@ -27,6 +27,7 @@ from velollm.engine import (
     Chunk,
     Completion,
     Device,
+    EmbeddingEngine,
     Engine,
     GenerationRequest,
     LoadOptions,
@@ -338,7 +339,8 @@ def check_capabilities(subject: Subject) -> None:
                UnsupportedFeature, "a chat request on an engine without chat")
     embed = getattr(engine, "embed", None)
     if caps.embeddings:
-        require(callable(embed), "capabilities.embeddings is true, but the engine has no embed() method")
+        require(callable(embed) and isinstance(engine, EmbeddingEngine),
+                "capabilities.embeddings is true, but the engine is no EmbeddingEngine (it has no embed() method)")
         vectors = embed(["a cat", "a dog"])  # type: ignore[misc]
         require(isinstance(vectors, list) and len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0
                 and all(isinstance(x, float) for x in vectors[0]),
