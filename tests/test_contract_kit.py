@@ -36,6 +36,7 @@ class TestLlamaCppCpuContract(BackendContract):
         return OPTIONS
 
 
+@pytest.mark.slow  # numpy decoding: about a minute on a busy 2-core machine
 class TestNativeContract(BackendContract):
     @pytest.fixture(scope="class")
     @classmethod
@@ -151,6 +152,7 @@ class BrokenBackend:
         return engine
 
 
+@pytest.mark.slow  # 12 variants x 11 rules; the broken cancellation waits out its 30 s hang detector
 @pytest.mark.parametrize("broken", [None, *RULES])
 def test_a_backend_breaking_one_rule_fails_that_rule_alone(broken: str | None, gemma_path: Path,
                                                            tmp_path: Path) -> None:
