@@ -161,11 +161,12 @@ def test_a_failing_sequence_fails_alone(batched: Any, alone: Any) -> None:
 
 
 def test_different_sampling_settings_in_one_batch_do_not_bleed(batched: Any, alone: Any) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"],
+              "additionalProperties": False}
     requests = [
         GenerationRequest(prompt=PROMPTS[0], max_tokens=16, temperature=0),  # greedy
         GenerationRequest(prompt=PROMPTS[2], max_tokens=16, temperature=1.5, seed=1),  # wild sampling
-        GenerationRequest(prompt="A JSON object naming a city: ", max_tokens=40, temperature=0, json_schema=schema),
+        GenerationRequest(prompt="A JSON object naming a city: ", max_tokens=60, temperature=0, json_schema=schema),
         GenerationRequest(prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_k=1, seed=5),  # top-k 1: argmax
         GenerationRequest(prompt=PROMPTS[3], max_tokens=16, temperature=0, presence_penalty=1.5),
     ]

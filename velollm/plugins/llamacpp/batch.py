@@ -98,6 +98,46 @@ class GrammarPicker:
             self._chain.close()
 
 
+class ConstraintPicker:
+    """A :class:`velollm.constraints.ConstraintState` (llguidance) with the request's chain or argmax;
+    ``done`` once the constraint is complete (the sequence then stops, as the single-sequence path does)."""
+
+    def __init__(self, state: Any, chain: Any = None) -> None:
+        self._state, self._chain = state, chain
+        self._buf: dict[str, Any] = {}
+
+    def pick(self, ctx: Any, i: int, row: np.ndarray) -> int:
+        from velollm.plugins.llamacpp.grammar import constrained_pick
+
+        token = constrained_pick(self._state, row, self._chain, self._buf)
+        self._state.advance(token)
+        return token
+
+    @property
+    def done(self) -> bool:
+        return bool(self._state.done)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._chain.close()
+
+
+class LoopGuard:
+    """Stops unconstrained text that repeats itself (velollm.constraints.loops), around another picker."""
+
+    def __init__(self, inner: Picker, detector: Any) -> None:
+        self._inner, self._detector = inner, detector
+        self.done = False
+
+    def pick(self, ctx: Any, i: int, row: np.ndarray) -> int:
+        token = self._inner.pick(ctx, i, row)
+        self.done = bool(self._detector.feed(token))
+        return token
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class SamplerPicker:
     """Adapter for ``sampling.SequenceSampler`` (``sample(ctx, i)`` + ``accept(token)``)."""
 
@@ -687,7 +727,7 @@ class BatchDecoder:
         text = seq.text.feed(self._piece(token))
         if text:
             seq.events.put(Chunk(text=text, logprobs=seq.logprobs.take() if seq.logprobs is not None else None))
-        if seq.text.stopped:
+        if seq.text.stopped or getattr(seq.picker, "done", False):
             self._finish(seq, "stop")
         elif seq.n_out >= seq.max_new or len(seq.tokens) >= self.n_ctx:
             self._finish(seq, "length")
@@ -728,17 +768,29 @@ class BatchDecoder:
 
 
 # --- the engine's side ------------------------------------------------------------------------------
-def picker_for(engine: Any, request: Any, grammar: Any, seed: int) -> Picker:
-    """The sequence's token chooser: argmax, its own sampler chain, or the grammar fast path."""
+def picker_for(engine: Any, request: Any, grammar: Any, seed: int, max_new: int) -> Picker:
+    """The sequence's token chooser, as the engine's single-sequence path chooses: argmax or the request's
+    sampler chain (with the loop guard), the constraint (llguidance) or llama.cpp's grammar fast path."""
+    from velollm.errors import GrammarError
     from velollm.plugins.llamacpp.sampling import is_greedy
 
     if grammar is None:
-        return GreedyPicker() if is_greedy(request) else SamplerPicker(engine.sampler_for(request, seed))
+        base: Picker = GreedyPicker() if is_greedy(request) else SamplerPicker(engine.sampler_for(request, seed))
+        loops = engine._loop_detector(request) if hasattr(engine, "_loop_detector") else None
+        return base if loops is None else LoopGuard(base, loops)
     if request.extra.get("grammar_check") == "full":
         return SamplerPicker(engine.sampler_for(request, seed, grammar))
     from velollm.plugins.llamacpp.grammar import GrammarSampler
 
+    state = None
+    if hasattr(engine, "constraint_state"):
+        try:
+            state = engine.constraint_state(request, max_new)
+        except GrammarError:  # a GBNF dialect detail llguidance reads differently: llama.cpp's sampler
+            state = None
     chain = None if is_greedy(request) else engine.sampler_for(request, seed)
+    if state is not None:
+        return ConstraintPicker(state, chain)
     try:
         sampler = GrammarSampler(engine._vocab, engine._llama.n_vocab(), grammar._grammar,
                                  None if chain is None else chain.sampler)
@@ -763,7 +815,7 @@ def stream(engine: Any, decoder: BatchDecoder, request: Any, prompt: list[int], 
     budget = decoder.n_ctx - len(prompt)
     max_new = min(request.max_tokens or budget, budget)
     seed = request.seed if request.seed is not None else random_seed()
-    picker = picker_for(engine, request, grammar, seed)
+    picker = picker_for(engine, request, grammar, seed, max_new)
     seq = Sequence(prompt, picker, max_new=max_new, stop=request.stop, logprobs=recorder_for(request, engine._piece))
     try:
         decoder.submit(seq)
