@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from velollm.errors import VeloError
+from velollm.tables import print_table
 
 app = typer.Typer(
     name="velollm",
@@ -25,7 +25,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+# soft_wrap: lines are never cut at 80 columns when stdout is a pipe (tables: velollm.tables)
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 _state = {"debug": False}
 
@@ -73,10 +74,9 @@ def probe(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
                   f"of {fmt_bytes(gpu.total_bytes)}")
     if not facts.gpus:
         out.print("[bold]GPU[/bold]  none found")
-    table = Table("backend", "usable", "reason")
-    for name, (ok, reason) in status.items():
-        table.add_row(name, "[green]yes[/green]" if ok else "[red]no[/red]", reason)
-    out.print(table)
+    print_table(out, ("backend", "usable", "reason"),
+                [(name, "[green]yes[/green]" if ok else "[red]no[/red]", escape(reason))
+                 for name, (ok, reason) in status.items()])
     for name, backends in facts.compiled_backends().items():
         out.print(f"[bold]{name}[/bold] compiled backends: {', '.join(backends) or 'none'}")
     for source, found in facts.sources.items():
@@ -105,16 +105,16 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     if as_json:
         _print_json([r.as_dict() for r in records])
         return
-    table = Table("plugin", "distribution", "API", "hooks", "registered", "problems",
-                  title=f"velollm plugin API {PLUGIN_API_VERSION}")
+    rows = []
     for r in records:
         dist = f"{r.distribution or '-'} {r.version or ''}".strip()
         registered = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in
                                (("backends", r.backends), ("sources", r.model_sources)) if names) or "-"
-        problems = "[red]" + "\n".join(r.failures) + "[/red]" if r.failures else "-"
-        table.add_row(r.name + (" (built-in)" if r.builtin else ""), dist, r.api or "-", ", ".join(r.hooks) or "-",
-                      registered, problems)
-    out.print(table)
+        problems = "[red]" + escape("\n".join(r.failures)) + "[/red]" if r.failures else "-"
+        rows.append((r.name + (" (built-in)" if r.builtin else ""), dist, r.api or "-", ", ".join(r.hooks) or "-",
+                     registered, problems))
+    print_table(out, ("plugin", "distribution", "API", "hooks", "registered", "problems"), rows,
+                title=f"velollm plugin API {PLUGIN_API_VERSION}")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -123,11 +123,9 @@ def models() -> None:
     """The model catalogue, and which models are pulled."""
     from velollm.models import CATALOG, cached_path
 
-    table = Table("name", "size", "pulled", "description")
-    for entry in CATALOG.values():
-        pulled = cached_path(entry).exists()
-        table.add_row(entry.name, f"{entry.size / 1e6:,.0f} MB", "yes" if pulled else "no", entry.description)
-    out.print(table)
+    rows = [(entry.name, f"{entry.size / 1e6:,.0f} MB", "yes" if cached_path(entry).exists() else "no",
+             escape(entry.description)) for entry in CATALOG.values()]
+    print_table(out, ("name", "size", "pulled", "description"), rows)
 
 
 def _progress_bar(label: str):  # -> (callback, progress)
@@ -186,14 +184,14 @@ def info(
     if as_json:
         _print_json(summary)
         return
-    table = Table("field", "value", show_header=False)
+    rows = []
     for key, value in summary.items():
         if key == "layer_bytes":
             value = f"{len(value)} layers, {sum(value) / 1e6:,.1f} MB"
         elif key in ("file_size", "tensor_bytes", "non_layer_bytes", "output_bytes", "parameter_count"):
             value = f"{value:,}"
-        table.add_row(key, str(value))
-    out.print(table)
+        rows.append((key, escape(str(value))))
+    print_table(out, ("field", "value"), rows, show_header=False)
 
 
 @app.command()
@@ -223,10 +221,8 @@ def place(
         return
     out.print(f"[bold]{escape(plan.model)}[/bold] on [bold]{plan.backend}[/bold]: n_ctx {plan.n_ctx}, "
               f"n_gpu_layers {plan.n_gpu_layers}, {plan.n_threads} threads, about {fmt_bytes(plan.memory_bytes)}")
-    table = Table("decision", "value", "why")
-    for d in plan.decisions:
-        table.add_row(d.topic, escape(str(d.value)), escape(d.reason))
-    out.print(table)
+    print_table(out, ("decision", "value", "why"),
+                [(d.topic, escape(str(d.value)), escape(d.reason)) for d in plan.decisions])
     for name, why in plan.rejected.items():
         out.print(f"[dim]not {name}: {escape(why)}[/dim]")
 

@@ -10,7 +10,6 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from velollm.gguf.info import ModelInfo
 
@@ -56,21 +55,23 @@ def _mb(n: int) -> str:
 def print_tensor_report(info: ModelInfo, console: Console) -> None:
     """Three tables: tensors, per-layer totals, per-type totals."""
     report = tensor_report(info)
-    tensors = Table("#", "name", "type", "shape", "MB", title=f"{info.path.name}: {report['n_tensors']} tensors")
-    for i, t in enumerate(report["tensors"]):
-        tensors.add_row(str(i), t["name"], t["type"], " x ".join(str(d) for d in t["shape"]), _mb(t["n_bytes"]))
-    console.print(tensors)
-    layers = Table("layer", "tensors", "MB", "types", title="per layer")
+    from velollm.tables import print_table
+
+    print_table(console, ("#", "name", "type", "shape", "MB"),
+                [(str(i), t["name"], t["type"], " x ".join(str(d) for d in t["shape"]), _mb(t["n_bytes"]))
+                 for i, t in enumerate(report["tensors"])],
+                title=f"{info.path.name}: {report['n_tensors']} tensors")
+    layers = []
     for row in report["layers"]:
         types = ", ".join(f"{k}×{v}" for k, v in sorted(row["types"].items()))
-        layers.add_row(str(row["layer"]), str(row["n_tensors"]), _mb(row["n_bytes"]), types)
+        layers.append((str(row["layer"]), str(row["n_tensors"]), _mb(row["n_bytes"]), types))
     other = report["non_layer"]
     if other["n_tensors"]:
         types = ", ".join(f"{k}×{v}" for k, v in sorted(other["types"].items()))
-        layers.add_row("other", str(other["n_tensors"]), _mb(other["n_bytes"]), types, style="dim")
-    layers.add_row("total", str(report["n_tensors"]), _mb(report["tensor_bytes"]), "", style="bold")
-    console.print(layers)
-    types_table = Table("type", "tensors", "MB", title="per type")
-    for name, row in sorted(report["types"].items(), key=lambda kv: -kv[1]["n_bytes"]):
-        types_table.add_row(name, str(row["n_tensors"]), _mb(row["n_bytes"]))
-    console.print(types_table)
+        layers.append(("[dim]other[/dim]", str(other["n_tensors"]), _mb(other["n_bytes"]), types))
+    layers.append(("[bold]total[/bold]", str(report["n_tensors"]), _mb(report["tensor_bytes"]), ""))
+    print_table(console, ("layer", "tensors", "MB", "types"), layers, title="per layer")
+    print_table(console, ("type", "tensors", "MB"),
+                [(name, str(row["n_tensors"]), _mb(row["n_bytes"]))
+                 for name, row in sorted(report["types"].items(), key=lambda kv: -kv[1]["n_bytes"])],
+                title="per type")

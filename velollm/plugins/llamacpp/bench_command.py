@@ -82,7 +82,6 @@ def bench(
 
 def print_report(report: Any, console: Any) -> None:
     """Per-prompt tables and the overall speedup."""
-    from rich.table import Table
 
     spec = report.speculation or {}
     console.print(f"[bold]{report.config.main_model}[/bold] mode={report.config.mode} "
@@ -92,8 +91,9 @@ def print_report(report: Any, console: Any) -> None:
     if spec:
         console.print(f"batch cost (b=1..{len(spec.get('batch_cost', []))}): {spec.get('batch_cost')}  "
                       f"draft cost/token: {spec.get('draft_cost')}  ceilings: {spec.get('ceiling')}")
-    table = Table("prompt", "mode", "tok/s", "min", "max", "TTFT ms", "total s", "speedup", "predicted",
-                  "accept", "greedy agreement")
+    from velollm.tables import print_table
+
+    table = []
     for p in report.summary.prompts:
         rows = [("vanilla", p.vanilla)] if p.vanilla else []
         rows.append((report.config.mode, p.speculative))
@@ -104,15 +104,16 @@ def print_report(report: Any, console: Any) -> None:
                 a = p.agreement
                 agree = (f"identical {a.identical}/{a.compared}" if a.identical == a.compared
                          else f"{a.identical}/{a.compared}, first diff @{a.first_difference} ({a.agreement_rate:.0%})")
-            table.add_row(
+            table.append((
                 p.prompt if not is_spec or not p.vanilla else "", name, str(m.tokens_per_s),
                 f"{m.tokens_per_s.min:.2f}", f"{m.tokens_per_s.max:.2f}",
                 f"{m.ttft_s.mean * 1000:.0f} ± {m.ttft_s.stddev * 1000:.0f}",
                 str(m.total_s), str(p.speedup) if is_spec and p.speedup else "",
                 f"{p.predicted_speedup:.2f}" if is_spec else "", f"{p.acceptance_rate:.0%}" if is_spec else "",
                 agree,
-            )
-    console.print(table)
+            ))
+    print_table(console, ("prompt", "mode", "tok/s", "min", "max", "TTFT ms", "total s", "speedup", "predicted",
+                          "accept", "greedy agreement"), table)
     summary = report.summary
     if summary.speedup is not None:
         console.print(f"speedup, ratio of mean decode tok/s (mean over prompts, propagated σ): {summary.speedup}")
