@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from velollm.errors import VeloError
+from velollm.errors import VeloError, validated
 from velollm.tables import print_table
 
 app = typer.Typer(
@@ -200,11 +200,11 @@ def info(
 @app.command()
 def place(
     model: Annotated[str, typer.Argument(help="Path, catalogue name or hf: reference.")],
-    ctx: Annotated[int | None, typer.Option("--ctx", help="Context window in tokens.")] = None,
+    ctx: CtxOption = None,
     backend: Annotated[str | None, typer.Option(help="Backend name (see `velollm probe`).")] = None,
-    gpu_layers: Annotated[int | None, typer.Option("--gpu-layers", help="Force n_gpu_layers (-1: all).")] = None,
-    kv_cache_type: Annotated[str, typer.Option("--kv-cache-type", help="KV cache type to plan for: f16, q8_0, "
-                                               "q4_0... (the estimate; backends load f16 unless told)")] = "f16",
+    gpu_layers: GpuLayersOption = None,
+    kv_cache_type: Annotated[str, typer.Option("--kv-cache-type", "-ctk", help="KV cache type (K and V): f16, "
+                                               "q8_0, q4_0... (quantised V turns flash attention on)")] = "f16",
     draft_model: Annotated[str | None, typer.Option("--draft-model", help="A speculative draft model loaded "
                                                     "beside it (counted in the plan).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -214,9 +214,11 @@ def place(
     from velollm.loading import prepare
     from velollm.placement import fmt_bytes
 
-    fields = {k: v for k, v in {"n_ctx": ctx, "n_gpu_layers": gpu_layers, "draft_model": draft_model}.items()
-              if v is not None}
-    prepared = prepare(model, backend=backend, options=LoadOptions(**fields), kv_cache_type=kv_cache_type)
+    fields: dict[str, Any] = {k: v for k, v in {"n_ctx": ctx, "n_gpu_layers": gpu_layers,
+                                                 "draft_model": draft_model}.items() if v is not None}
+    if kv_cache_type != "f16":  # the plan's load options carry it (velollm.engine.LoadOptions.type_k/type_v)
+        fields.update(type_k=kv_cache_type, type_v=kv_cache_type, flash_attn=kv_cache_type not in ("f32", "bf16"))
+    prepared = prepare(model, backend=backend, options=validated(LoadOptions, fields, "place options"))
     plan = prepared.plan
     if as_json:
         _print_json({"model": str(prepared.resolved.path), "plan": plan.model_dump(mode="json"),
