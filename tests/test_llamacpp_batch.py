@@ -287,3 +287,23 @@ def test_an_overflowing_prompt_names_the_knob(batched: Any) -> None:
 
     with pytest.raises(ContextOverflow, match="n_ctx"):
         batched.generate(GenerationRequest(prompt="word " * 3000, max_tokens=4))
+
+
+def test_the_pool_lets_parallel_requests_in_together(gemma_path: Path) -> None:
+    from velollm.pool import ModelPool
+
+    pool = ModelPool(keep_alive=0)
+    try:
+        lease = pool.acquire(str(gemma_path), n_ctx=1024, n_threads=1, parallel=2, timeout=30)
+        request = GenerationRequest(prompt=PROMPTS[2], max_tokens=200, temperature=0)
+        first = lease.engine.stream(request)
+        assert next(first).text is not None
+        second = lease.engine.stream(request)  # one slot would refuse this (same thread) or make it wait
+        assert next(second).text is not None
+        status = next(m for m in pool.status().models if m.path == str(gemma_path))
+        assert status.slots == 2 and status.running == 2
+        first.close()
+        second.close()
+        lease.release()
+    finally:
+        pool.close()
