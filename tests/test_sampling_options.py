@@ -277,3 +277,32 @@ def test_litellm_completion_reaches_mirostat(gemma_path: Path) -> None:
 
     assert len(draws(top_k=1)) == 1
     assert len(draws(top_k=1, mirostat=2, mirostat_tau=10.0)) >= 3  # mirostat replaced top-k: it arrived
+
+
+def test_server_takes_the_options_and_answers_400_for_bad_ones(gemma_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from velollm.pool import ModelPool
+    from velollm.server.app import ServerConfig, create_app
+
+    pool = ModelPool()
+    try:
+        client = TestClient(create_app(ServerConfig(models={"gemma": "gemma3-270m"},
+                                                    load_options={"n_ctx": 256, "n_threads": 1}), pool=pool))
+
+        def draw(**params: object) -> set[str]:
+            out = set()
+            for seed in range(6):
+                response = client.post("/v1/completions", json={"model": "gemma", "prompt": PROMPT, "max_tokens": 1,
+                                                                 "temperature": 1.0, "seed": seed, **params})
+                assert response.status_code == 200, response.text
+                out.add(response.json()["choices"][0]["text"])
+            return out
+
+        assert len(draw(top_k=1)) == 1
+        assert len(draw(top_k=1, mirostat=1, mirostat_tau=10.0)) >= 3  # mirostat arrived and replaced top-k
+        for bad in ({"mirostat": 7}, {"typical_p": 0}, {"repeat_last_n": -5}):
+            response = client.post("/v1/completions", json={"model": "gemma", "prompt": PROMPT, **bad})
+            assert response.status_code == 400, (bad, response.text)
+    finally:
+        pool.close()
