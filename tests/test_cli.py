@@ -18,14 +18,19 @@ def velollm(*args: str, stdin: str | None = None, timeout: float = 180) -> subpr
     return subprocess.run([*VELOLLM, *args], capture_output=True, text=True, input=stdin, timeout=timeout, env=env)
 
 
-def test_probe_json_lists_cpu_usable_and_gpus_unusable_with_reasons() -> None:
+def test_probe_json_lists_cpu_usable_and_gpus_as_the_probe_found_them() -> None:
+    from velollm.plugins.llamacpp.registry import GgmlRegistry
+
     result = velollm("probe", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     backends = data["backends"]
     assert backends["llamacpp-cpu"]["usable"] is True
+    found = GgmlRegistry.model_validate(data["machine"]["extras"]["ggml"])  # what this build and machine have
     for gpu in ("llamacpp-cuda", "llamacpp-vulkan", "llamacpp-metal"):
-        assert backends[gpu]["usable"] is False and backends[gpu]["reason"]
+        kind = gpu.removeprefix("llamacpp-")
+        expected = found.has_backend(kind) and bool(found.devices_of(kind))  # compiled in, and a device of it
+        assert backends[gpu]["usable"] is expected and backends[gpu]["reason"], (gpu, backends[gpu], found)
     assert data["machine"]["cpu"]["logical_cores"] >= 1
     assert data["machine"]["memory"]["total_bytes"] > 0
     assert "CPU" in data["machine"]["extras"]["ggml"]["backends"]

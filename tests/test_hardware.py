@@ -164,4 +164,7 @@ def test_probe_json_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "CPU" in data["compiled_backends"]["ggml"]
     assert data["backends"]["llamacpp-cpu"]["usable"] is True
     assert data["backends"]["llamacpp-cpu"]["devices"] == []  # the CPU backend offloads nothing
-    assert data["backends"]["llamacpp-cuda"]["usable"] is False
+    from velollm.plugins.llamacpp.registry import GgmlRegistry
+
+    found = GgmlRegistry.model_validate(machine["extras"]["ggml"])  # a GPU build on a GPU machine: usable
+    assert data["backends"]["llamacpp-cuda"]["usable"] is (found.has_backend("cuda") and bool(found.devices_of("cuda")))
