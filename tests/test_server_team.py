@@ -173,6 +173,19 @@ def test_key_store_reload_keeps_old_keys_when_the_file_breaks(tmp_path: Path) ->
     assert KeyStore().authenticate(None) is None  # an open server
 
 
+def test_a_keys_file_others_can_read_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "keys.txt"
+    path.write_text(KEYS)
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="velollm.server.access"):
+        KeyStore(keys_file=path)
+        assert "can be read by other users" in caplog.text
+        caplog.clear()
+        path.chmod(0o600)
+        KeyStore(keys_file=path)
+    assert caplog.text == ""
+
+
 def test_request_ids_are_echoed_only_when_sane() -> None:
     assert request_id([(b"x-request-id", b"abc-123")]) == "abc-123"
     generated = request_id([(b"x-request-id", b"has space\nnewline")])
@@ -324,6 +337,26 @@ def test_a_user_key_cannot_load_or_unload(team: tuple[Server, Path]) -> None:
         assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
         assert httpx.post(f"{server.base_url}/models/gemma/{action}", timeout=30).status_code == 401
     assert httpx.post(f"{server.base_url}/models/nope/load", headers=_auth(ADMIN), timeout=30).status_code == 404
+
+
+@pytest.mark.slow
+def test_unloading_a_model_in_use_is_refused_until_it_is_idle(team: tuple[Server, Path]) -> None:
+    server, _ = team
+    body = {"model": "gemma", "messages": HI, "max_tokens": 400, "stream": True, "grammar": 'root ::= "la " root'}
+    unload = server.base_url + "/models/gemma/unload"
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=_auth(ALICE),
+                      timeout=300) as streaming:
+        lines = streaming.iter_lines()  # kept: a dropped iterator closes the connection (the server then stops)
+        for line in lines:  # generating now: the first text has arrived
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+        busy = httpx.post(unload, headers=_auth(ADMIN), timeout=30)
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "model_busy", busy.text
+    deadline = time.monotonic() + 60  # the client left: generation stops at the next token
+    while (r := httpx.post(unload, headers=_auth(ADMIN), timeout=30)).status_code == 409:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200 and "gemma" not in _pool(server)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -120,6 +121,8 @@ class KeyStore:
         keys = [*self._static, *parse_keys_file(text, str(self.keys_file))]
         with self._lock:
             self._keys = keys
+        if readable_by_others(self.keys_file):
+            server_log.warning("the keys file %s can be read by other users: chmod 600 it", self.keys_file)
         return len(keys)
 
     def reload_logged(self) -> None:
@@ -151,6 +154,14 @@ class KeyStore:
         if key is None:
             raise AuthenticationFailed("missing or incorrect API key: send 'Authorization: Bearer <key>'")
         return key
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether users other than the owner may read ``path`` (POSIX permissions; False elsewhere)."""
+    try:
+        return os.name == "posix" and bool(path.stat().st_mode & 0o077)
+    except OSError:
+        return False
 
 
 # --- the record of one request ------------------------------------------------------------------------

@@ -419,14 +419,16 @@ def check_report(config: TeamConfig, source: str = "") -> tuple[list[str], bool]
     from velollm.engine import LoadOptions
     from velollm.loading import prepare
     from velollm.placement import fmt_bytes
-    from velollm.server.access import KeyStore
+    from velollm.server.access import KeyStore, readable_by_others
 
     ok, lines = True, []
     server = config.server
     lines.append(f"config {source or '(flags only)'}: valid; listening on http://{server.host}:{server.port}/v1")
     if server.api_keys_file is not None:
         try:
-            lines.append(f"keys: {len(KeyStore(keys_file=server.api_keys_file))} key(s) in {server.api_keys_file}")
+            count = len(KeyStore(keys_file=server.api_keys_file))
+            loose = " (WARNING: other users can read it: chmod 600)" if readable_by_others(server.api_keys_file) else ""
+            lines.append(f"keys: {count} key(s) in {server.api_keys_file}{loose}")
         except VeloError as exc:
             ok = False
             lines.append(f"keys: ERROR {exc}")
