@@ -265,6 +265,19 @@ def test_every_response_has_a_request_id_and_one_log_line(team_files: Path, capl
     assert all(k not in caplog.text for k in (BOB, "wrong-key"))
 
 
+def test_even_an_unexpected_error_has_a_request_id_and_an_openai_body(team_files: Path) -> None:
+    client, _ = _in_process(team_files)
+    client.raise_server_exceptions = False
+
+    @client.app.get("/boom")  # a stand-in for a bug in a handler
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    r = client.get("/boom", headers={"x-request-id": "bug-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"]["type"] == "server_error" and "RuntimeError" in r.json()["error"]["message"]
+
+
 # --- one server subprocess from the config ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path, qwen_path: Path) -> Iterator[tuple[Server, Path]]:
