@@ -9,6 +9,7 @@ lets one thread at a time into a ``Llama``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import threading
 import time
@@ -92,8 +93,22 @@ def load_kwargs(info: gguf_info.ModelInfo, options: LoadOptions, *, offload: boo
         kwargs["tensor_split"] = list(options.tensor_split)
     if options.seed is not None:
         kwargs["seed"] = options.seed
+    unknown = sorted(set(options.extra) - _llama_parameters())
+    if unknown:  # Llama(...) would take them into its **kwargs and ignore them
+        raise InvalidRequest(f"LoadOptions.extra: llama.cpp's Llama(...) takes no {', '.join(map(repr, unknown))}")
     kwargs.update(options.extra)
     return kwargs
+
+
+@functools.cache
+def _llama_parameters() -> frozenset[str]:
+    """The keyword arguments ``llama_cpp.Llama`` accepts (``LoadOptions.extra`` passes them through)."""
+    import inspect
+
+    from llama_cpp.llama import Llama
+
+    # its **kwargs swallows unknown names silently: they are not accepted here
+    return frozenset(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
 
 
 class LlamaCppEngine:
