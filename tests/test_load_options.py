@@ -162,3 +162,14 @@ def test_unknown_numa_strategy_and_bad_split_are_refused() -> None:
     for bad in ({"numa": "interleave"}, {"tensor_split": [0, 0]}, {"tensor_split": [-1, 2]}, {"type_k": "q3"}):
         with pytest.raises(VeloError):
             validated(LoadOptions, bad, "load options")
+
+
+def test_unknown_llama_arguments_in_extra_are_refused(gemma_path: Path, llama_kwargs: dict[str, Any]) -> None:
+    from velollm.plugins.llamacpp import LlamaCppBackend
+
+    # Llama(**kwargs) would swallow a misspelt name without a word
+    with pytest.raises(InvalidRequest, match="rope_freq_bas"):
+        LlamaCppBackend("cpu").load(gemma_path, LoadOptions(extra={"rope_freq_bas": 10000.0}))
+    with pytest.raises(_Recorded):  # a real Llama argument passes through
+        LlamaCppBackend("cpu").load(gemma_path, LoadOptions(extra={"rope_freq_base": 10000.0}))
+    assert llama_kwargs["rope_freq_base"] == 10000.0
