@@ -59,13 +59,13 @@ def test_pydantic_response_format_class() -> None:
 
 
 @pytest.mark.parametrize("params", [
-    {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"tools": [{"type": "code_interpreter"}]},
     {"functions": [{"name": "f"}]},
-    {"logprobs": True},
+    {"function_call": "auto"},
     {"logit_bias": {"1": 2}},
-    {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+    {"messages": [{"role": "function", "content": "x", "name": "f"}]},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
 ])
 def test_unsupported_features_are_errors_not_silence(params: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedFeature):
@@ -122,8 +122,11 @@ def test_choices_get_consecutive_seeds() -> None:
 def test_completion_prompts() -> None:
     batch = oc.parse_completion({"prompt": ["a", "b"], "n": 2, "max_tokens": 3})
     assert [p.request.prompt for p in batch] == ["a", "b"] and all(p.n == 2 for p in batch)
-    with pytest.raises(UnsupportedFeature):
-        oc.parse_completion({"prompt": [[1, 2, 3]]})
+    assert [p.request.prompt for p in oc.parse_completion({"prompt": [[1, 2, 3], "x"]})] == [[1, 2, 3], "x"]
+    assert [p.request.prompt for p in oc.parse_completion({"prompt": [5, 6]})] == [[5, 6]]  # token ids
+    for bad in ([], [[]], [1, "a"], [True], [1.5], [[1], [None]], 3):
+        with pytest.raises(InvalidRequest, match="'prompt' must be"):
+            oc.parse_completion({"prompt": bad})
     with pytest.raises(InvalidRequest):
         oc.parse_completion({"prompt": ["a"] * 9, "n": 2})
     with pytest.raises(UnsupportedFeature):

@@ -8,6 +8,7 @@ A model without a template (Gemma 270M base) gets the format of its family, neve
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from velollm.errors import InvalidRequest
+from velollm.errors import InvalidRequest, UnsupportedFeature
 
 if TYPE_CHECKING:
     from velollm.engine import GenerationRequest
@@ -85,11 +86,35 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """``tojson`` as Hugging Face renders chat templates: plain JSON. Jinja's own filter escapes
+    ``<``, ``>``, ``&`` and ``'`` for HTML, so tool schemas would reach the model as ``\\u003c``."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+#: Fill-in-the-middle token texts (prefix, suffix, middle) of model families, in the order they are tried.
+FIM_TOKENS: tuple[tuple[str, str, str], ...] = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, Granite, ...
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+)
+
+
+def fim_tokens(tokenize: Callable[..., list[int]]) -> tuple[str, str, str] | None:
+    """The model's FIM token texts, when its vocabulary has each of them as one special token."""
+    for triple in FIM_TOKENS:
+        if all(len(tokenize(t, add_special=False, parse_special=True)) == 1 for t in triple):
+            return triple
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> Any:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     return env.from_string(source)
 
 
@@ -131,10 +156,24 @@ class ChatTemplate:
     def prompt_tokens(self, request: GenerationRequest, tokenize: Callable[..., list[int]]) -> list[int]:
         """The request's prompt as token ids, built the same way by every local backend.
 
-        A template that writes BOS itself must not get a second one from the tokenizer.
+        A template that writes BOS itself must not get a second one from the tokenizer. Tool
+        definitions and tool turns go through :func:`velollm.tools.template_inputs`; a ``suffix``
+        makes a fill-in-the-middle prompt from the model's FIM tokens.
         """
+        if isinstance(request.prompt, list):  # token ids: used as they are (the engine checks the vocabulary)
+            return list(request.prompt)
         if request.messages is not None:
-            text = self.render([m.model_dump() for m in request.messages])
+            from velollm.tools import template_inputs
+
+            messages, variables = template_inputs([m.model_dump() for m in request.messages], request.tools,
+                                                  self.source)
+            text = self.render(messages, **variables)
+        elif request.suffix is not None:
+            fim = fim_tokens(tokenize)
+            if fim is None:
+                raise UnsupportedFeature("this model has no fill-in-the-middle tokens (like Qwen2.5-Coder's "
+                                         "<|fim_prefix|>); 'suffix' cannot be honoured")
+            text = f"{fim[0]}{request.prompt or ''}{fim[1]}{request.suffix}{fim[2]}"
         else:
             text = request.prompt or ""
         add_special = not (request.messages is not None and self.bos_token and text.startswith(self.bos_token))

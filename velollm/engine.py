@@ -55,12 +55,18 @@ SAMPLING_EXTRAS = {"typical_p": "typical_p", "penalty_last_n": "penalty_last_n",
 
 
 class ChatMessage(BaseModel):
-    """One chat turn; ``content`` is plain text."""
+    """One chat turn; ``content`` is plain text.
+
+    Tool calling (:mod:`velollm.tools`): an assistant turn may carry OpenAI ``tool_calls`` (its
+    content then often empty), a ``tool`` turn answers one by ``tool_call_id``.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class GenerationRequest(BaseModel):
@@ -76,7 +82,7 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    prompt: str | list[int] | None = None  # text, or token ids used as they are (OpenAI's completions allow both)
     max_tokens: int | None = Field(default=256, ge=1)
     temperature: float = Field(default=0.8, ge=0.0)
     top_k: int = Field(default=40, ge=0)
@@ -94,6 +100,12 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list)
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
+    # tool definitions (OpenAI ``tools``, normalised by velollm.tools) for the chat template to show;
+    # the call format is enforced through ``grammar`` (velollm.tools.tool_grammar)
+    tools: list[dict[str, Any]] | None = None
+    logprobs: bool = False  # report each generated token's log-probability (Chunk.logprobs)
+    top_logprobs: int = Field(default=0, ge=0, le=20)  # and this many most likely alternatives
+    suffix: str | None = None  # fill-in-the-middle: the text after the hole (prompt requests, FIM models)
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
@@ -123,10 +135,18 @@ class GenerationRequest(BaseModel):
             raise InvalidRequest("a GenerationRequest needs exactly one of 'messages' or 'prompt'")
         if self.messages is not None and not self.messages:
             raise InvalidRequest("'messages' is empty")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise InvalidRequest("'prompt' as token ids is empty")
+        if isinstance(self.prompt, list) and self.suffix is not None:
+            raise InvalidRequest("'suffix' (fill-in-the-middle) needs the prompt as text, not token ids")
         if self.grammar is not None and self.json_schema is not None:
             raise InvalidRequest("give either 'grammar' or 'json_schema', not both")
         if any(s == "" for s in self.stop):
             raise InvalidRequest("empty stop sequence")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs' set")
+        if self.suffix is not None and self.prompt is None:
+            raise InvalidRequest("'suffix' (fill-in-the-middle) needs a 'prompt', not 'messages'")
         return self
 
 
@@ -168,6 +188,22 @@ class Timings(BaseModel):
         )
 
 
+class TopLogprob(BaseModel):
+    """One candidate token at a step and its log-probability under the model."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    id: int
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log-probability (the model's raw distribution, before penalties,
+    temperature and grammar), with the ``top_logprobs`` most likely tokens at that step."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Completion(BaseModel):
     """A finished generation."""
 
@@ -176,6 +212,7 @@ class Completion(BaseModel):
     usage: Usage
     timings: Timings = Field(default_factory=Timings)
     model: str = ""
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when the request asked
 
 
 class Chunk(BaseModel):
@@ -188,6 +225,7 @@ class Chunk(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the previous chunk
 
 
 class Capabilities(BaseModel):
@@ -200,6 +238,9 @@ class Capabilities(BaseModel):
     tokenize: bool = True
     embeddings: bool = False
     logits: bool = False
+    logprobs: bool = False  # fills Chunk.logprobs when a request asks (GenerationRequest.logprobs)
+    tools: bool = False  # renders GenerationRequest.tools (velollm.tools) and honours the call grammar
+    fill_in_middle: bool = False  # the model's vocabulary has FIM tokens (GenerationRequest.suffix)
 
 
 class LoadOptions(BaseModel):
@@ -379,9 +420,12 @@ def check_request_extras(engine: Any, request: GenerationRequest) -> None:
 def collect_stream(chunks: Iterator[Chunk], model: str = "") -> Completion:
     """Join a stream into a Completion, so a backend can implement ``generate`` via ``stream``."""
     parts: list[str] = []
+    logprobs: list[TokenLogprob] | None = None
     last: Chunk | None = None
     for chunk in chunks:
         parts.append(chunk.text)
+        if chunk.logprobs is not None:
+            logprobs = (logprobs or []) + chunk.logprobs
         last = chunk
     if last is None or last.finish_reason is None or last.usage is None:
         raise GenerationError("the engine's stream ended without a final chunk")
@@ -391,4 +435,5 @@ def collect_stream(chunks: Iterator[Chunk], model: str = "") -> Completion:
         usage=last.usage,
         timings=last.timings or Timings(),
         model=model,
+        logprobs=logprobs,
     )

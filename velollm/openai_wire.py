@@ -9,13 +9,15 @@ Errors get one table too: velollm error -> HTTP status / OpenAI error type, and 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from velollm.engine import Chunk, Completion, Engine, GenerationRequest, Usage, check_request_extras
+from velollm import tools
+from velollm.engine import Chunk, Completion, Engine, GenerationRequest, TokenLogprob, Usage, check_request_extras
 from velollm.errors import (
     AuthenticationFailed,
     BackendNotFound,
@@ -44,12 +46,8 @@ MAX_N = 16
 
 #: Parameters velollm cannot honour: set to anything but "off", they are an error, never dropped.
 UNSUPPORTED = {
-    "tools": "tool calling",
-    "functions": "function calling",
-    "tool_choice": "tool calling",
-    "function_call": "function calling",
-    "logprobs": "log probabilities",
-    "top_logprobs": "log probabilities",
+    "functions": "the legacy 'functions' parameter (use 'tools')",
+    "function_call": "the legacy 'function_call' parameter (use 'tool_choice')",
     "logit_bias": "logit bias",
     "audio": "audio output",
     "modalities": "non-text modalities",
@@ -57,7 +55,6 @@ UNSUPPORTED = {
     "web_search_options": "web search",
     "reasoning_effort": "reasoning effort",
     "echo": "echoing the prompt",
-    "suffix": "suffix (fill-in-the-middle) completion",
     "best_of": "best_of",
 }
 #: Values of an unsupported parameter that mean "not used".
@@ -65,7 +62,7 @@ _OFF_VALUES: tuple[Any, ...] = (None, False, "none", "", [], {}, 0)
 
 #: Accepted and deliberately without effect (bookkeeping fields of the OpenAI API).
 IGNORED = frozenset({
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+    "user", "metadata", "store", "service_tier", "prompt_cache_key",
     "safety_identifier", "stream_options", "verbosity",
 })
 
@@ -88,6 +85,8 @@ class ParsedRequest:
     include_usage: bool = False
     #: load options for the pool (a velollm extension: ``"load_options": {"n_ctx": 4096}``)
     load_options: dict[str, Any] = field(default_factory=dict)
+    #: the answer may hold tool calls (velollm.tools): parse them out of the text
+    tool_calling: bool = False
     #: seconds the model stays loaded after this request (Ollama's ``keep_alive``: 0 unloads, -1 keeps)
     keep_alive: float | None = None
 
@@ -103,8 +102,6 @@ class ParsedRequest:
 def _fail_unsupported(params: Mapping[str, Any]) -> None:
     for name, what in UNSUPPORTED.items():
         value = params.get(name)
-        if name == "tool_choice" and value in ("auto", "none") and not params.get("tools"):
-            continue
         if name == "best_of" and value == 1:
             continue
         if value is not None and not any(value is off or value == off for off in _OFF_VALUES if off is not None):
@@ -173,16 +170,48 @@ def messages_from_openai(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            if role in ("tool", "function"):
-                raise UnsupportedFeature(f"messages[{i}]: role {role!r} (tool calling) is not supported")
+        if role not in ("system", "user", "assistant", "tool"):
+            if role == "function":
+                raise UnsupportedFeature(f"messages[{i}]: the legacy role 'function' is not supported; use 'tool'")
             raise InvalidRequest(f"messages[{i}]: unknown role {role!r}")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise UnsupportedFeature(f"messages[{i}]: tool calls are not supported")
+        if message.get("function_call"):
+            raise UnsupportedFeature(f"messages[{i}]: the legacy 'function_call' is not supported; use 'tool_calls'")
         entry: dict[str, Any] = {"role": role, "content": _text_content(message.get("content"), i)}
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
+        if message.get("tool_calls"):
+            if role != "assistant":
+                raise InvalidRequest(f"messages[{i}]: only assistant messages carry 'tool_calls'")
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise InvalidRequest(f"messages[{i}].tool_call_id must be a string")
+            entry["tool_call_id"] = call_id
         out.append(entry)
+    return out
+
+
+def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
+    """An assistant turn's OpenAI ``tool_calls``, checked (arguments must be JSON text or an object)."""
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{index}].tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"messages[{index}].tool_calls[{j}] needs a 'function' with a 'name'")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, Mapping):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        if not isinstance(arguments, str):
+            raise InvalidRequest(f"messages[{index}].tool_calls[{j}].function.arguments must be a JSON string")
+        try:
+            json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            raise InvalidRequest(f"messages[{index}].tool_calls[{j}].function.arguments is not valid JSON") from None
+        out.append({"id": str(call.get("id") or tools.new_call_id()), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
     return out
 
 
@@ -282,9 +311,38 @@ def _check_known(params: Mapping[str, Any], known: frozenset[str]) -> None:
 
 _COMMON = frozenset({*_SAMPLING, *_SAMPLING_ALIASES, "repeat_penalty", "repetition_penalty", "max_tokens",
                      "max_completion_tokens", "stop", "response_format", "grammar", "n", "stream", "model",
-                     "load_options", "keep_alive"})
-CHAT_KEYS = _COMMON | {"messages"}
-COMPLETION_KEYS = _COMMON | {"prompt"}
+                     "load_options", "keep_alive", "logprobs"})
+CHAT_KEYS = _COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"}
+COMPLETION_KEYS = _COMMON | {"prompt", "suffix"}
+
+
+def fim_stops(suffix: str) -> list[str]:
+    """Where a fill-in-the-middle answer has run into the suffix: its first non-blank line, generated as a
+    whole line (small coder models often write the suffix again, then go on)."""
+    line = next((line.rstrip() for line in suffix.split("\n") if line.strip()), None)
+    return [f"\n{line}\n"] if line else []
+
+
+def _chat_logprobs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Chat's ``logprobs: true`` and ``top_logprobs: 0..20`` as request fields."""
+    asked, top = params.get("logprobs"), params.get("top_logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise InvalidRequest("'logprobs' must be true or false (the number of alternatives is 'top_logprobs')")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise InvalidRequest(f"'top_logprobs' must be an integer from 0 to 20, got {top!r}")
+    if top and not asked:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true")
+    return {"logprobs": True, "top_logprobs": top or 0} if asked else {}
+
+
+def _completion_logprobs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The legacy ``logprobs: N``: the chosen token's log-probability and the N most likely (0..20)."""
+    n = params.get("logprobs")
+    if n is None:
+        return {}
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 20:
+        raise InvalidRequest(f"'logprobs' on /v1/completions is the number of alternatives, 0 to 20; got {n!r}")
+    return {"logprobs": True, "top_logprobs": n}
 
 
 def parse_chat(params: Mapping[str, Any], *, strict: bool = True) -> ParsedRequest:
@@ -298,13 +356,31 @@ def parse_chat(params: Mapping[str, Any], *, strict: bool = True) -> ParsedReque
     if strict:
         _check_known(params, CHAT_KEYS)
     fields = generation_fields(params)
+    tool_fields, choice = tools.request_fields(params)
+    fields.update(tool_fields)
+    fields.update(_chat_logprobs(params))
     request = GenerationRequest.of(messages=messages_from_openai(params.get("messages")), **fields)
     stream, include_usage = _flags(params)
     model = params.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("'model' must be a string")
     return ParsedRequest(model=model, request=request, n=_n(params), stream=stream, include_usage=include_usage,
-                         load_options=_load_options(params), keep_alive=_keep_alive(params))
+                         load_options=_load_options(params), keep_alive=_keep_alive(params),
+                         tool_calling=choice.mode != "none")
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's ``prompt``: a string, a list of strings, token ids (a list of ints) or a list of such lists."""
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        return list(prompt)
+    raise InvalidRequest("'prompt' must be a string, a non-empty list of strings, a non-empty list of token ids "
+                         "(integers), or a list of such lists")
 
 
 def parse_completion(params: Mapping[str, Any], *, strict: bool = True) -> list[ParsedRequest]:
@@ -314,13 +390,15 @@ def parse_completion(params: Mapping[str, Any], *, strict: bool = True) -> list[
         raise InvalidRequest("the request body must be a JSON object")
     if strict:
         _check_known(params, COMPLETION_KEYS)
-    prompt = params.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts:
-        raise InvalidRequest("'prompt' must be a string or a non-empty list of strings")
-    if not all(isinstance(p, str) for p in prompts):
-        raise UnsupportedFeature("'prompt' as token ids is not supported; send text")
+    prompts = completion_prompts(params.get("prompt"))
     fields = generation_fields(params)
+    fields.update(_completion_logprobs(params))
+    suffix = params.get("suffix")
+    if suffix is not None:
+        if not isinstance(suffix, str):
+            raise InvalidRequest("'suffix' must be a string")
+        fields["suffix"] = suffix
+        fields["stop"] = [*fields.get("stop", []), *fim_stops(suffix)]
     stream, include_usage = _flags(params)
     model = params.get("model")
     if model is not None and not isinstance(model, str):
@@ -346,6 +424,13 @@ def check_for_engine(request: GenerationRequest, engine: Engine) -> None:
     if request.messages is not None and not caps.chat:
         raise UnsupportedFeature(f"{engine.name} has no chat mode; use a completion with a prompt")
     check_request_extras(engine, request)
+    if request.tools and not caps.tools:
+        raise UnsupportedFeature(f"{engine.name} cannot do tool calling (it needs chat templates and grammars)")
+    if request.logprobs and not caps.logprobs:
+        raise UnsupportedFeature(f"{engine.name} does not report log probabilities")
+    if request.suffix is not None and not caps.fill_in_middle:
+        raise UnsupportedFeature(f"{engine.name} has no fill-in-the-middle tokens in its vocabulary; 'suffix' needs "
+                                 "a FIM model such as qwen2.5-coder")
     n_ctx = engine.context_length
     if n_ctx and request.max_tokens is not None and request.max_tokens > n_ctx:
         raise InvalidRequest(f"max_tokens={request.max_tokens} is larger than the model's context window ({n_ctx})")
@@ -378,18 +463,51 @@ def sum_usage(usages: list[Usage], prompts: int = 1) -> dict[str, Any]:
     return usage_dict(prompt_tokens, sum(u.completion_tokens for u in usages), cached)
 
 
-def chat_completion(completions: list[Completion], model: str, *, id: str | None = None) -> dict[str, Any]:
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Chat's ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}``."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+                                          for t in e.top_logprobs]} for e in entries], "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs``: parallel lists, top alternatives as ``{token: logprob}``."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries], "text_offset": offsets}
+
+
+def chat_message(completion: Completion, *, tool_calling: bool = False) -> tuple[dict[str, Any], str]:
+    """``(message, finish_reason)`` of one choice; tool calls parsed out when tools were offered."""
+    if not tool_calling:
+        return {"role": "assistant", "content": completion.text}, completion.finish_reason
+    content, calls = tools.parse_output(completion.text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, tools.finish_reason(completion.finish_reason, calls)
+
+
+def chat_completion(completions: list[Completion], model: str, *, id: str | None = None,
+                    tool_calling: bool = False) -> dict[str, Any]:
     """A ``chat.completion`` object; choice ``i`` is ``completions[i]``."""
+    choices = []
+    for i, c in enumerate(completions):
+        message, finish = chat_message(c, tool_calling=tool_calling)
+        choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(c.logprobs)})
     return {
         "id": id or new_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-             "logprobs": None}
-            for i, c in enumerate(completions)
-        ],
+        "choices": choices,
         "usage": total_usage(completions),
     }
 
@@ -403,7 +521,7 @@ def text_completion(completions: list[Completion], model: str, *, prompts: int =
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": text_logprobs(c.logprobs)}
             for i, c in enumerate(completions)
         ],
         "usage": total_usage(completions, prompts),
@@ -411,21 +529,61 @@ def text_completion(completions: list[Completion], model: str, *, prompts: int =
 
 
 def chat_chunk(id: str, model: str, created: int, index: int, *, content: str | None = None,
-               role: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+               role: bool = False, finish_reason: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with a delta for choice ``index``."""
     delta: dict[str, Any] = {}
     if role:
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
+
+
+class ChatChoiceStream:
+    """One choice's engine chunks -> ``chat.completion.chunk`` dicts: content deltas, tool-call deltas
+    (when tools were offered; they reassemble to the non-streamed calls) and per-token logprobs."""
+
+    def __init__(self, id: str, model: str, created: int, index: int, *, tool_calling: bool = False) -> None:
+        self._head = (id, model, created, index)
+        self._parser = tools.ToolCallParser() if tool_calling else None
+        self._logprobs: list[TokenLogprob] | None = None
+        self._calls = False
+
+    def start(self) -> dict[str, Any]:
+        return chat_chunk(*self._head, role=True, content="")
+
+    def _take_logprobs(self) -> dict[str, Any] | None:
+        out, self._logprobs = chat_logprobs(self._logprobs), None
+        return out
+
+    def feed(self, chunk: Chunk) -> list[dict[str, Any]]:
+        if chunk.logprobs is not None:
+            self._logprobs = (self._logprobs or []) + chunk.logprobs
+        if self._parser is None:
+            deltas: list[dict[str, Any]] = [{"content": chunk.text}] if chunk.text else []
+        else:
+            deltas = self._parser.feed(chunk.text)
+            if chunk.finish_reason is not None:
+                deltas += self._parser.finish()
+        out = []
+        for delta in deltas:
+            self._calls = self._calls or bool(delta.get("tool_calls"))
+            out.append(chat_chunk(*self._head, content=delta.get("content"), tool_calls=delta.get("tool_calls"),
+                                  logprobs=self._take_logprobs()))
+        if chunk.finish_reason is not None:
+            finish = tools.finish_reason(chunk.finish_reason, [True] if self._calls else [])
+            out.append(chat_chunk(*self._head, finish_reason=finish, logprobs=self._take_logprobs()))
+        return out
 
 
 def text_chunk(id: str, model: str, created: int, index: int, text: str,
-               finish_reason: str | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
 def usage_chunk(id: str, model: str, created: int, usage: dict[str, int], *, chat: bool = True) -> dict[str, Any]:

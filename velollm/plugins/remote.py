@@ -341,6 +341,9 @@ class RemoteEngine:
             raise UnsupportedFeature(f"{self._where()} is not configured for grammars (set grammar: true)")
         if request.json_schema is not None and not self.capabilities.json_schema:
             raise UnsupportedFeature(f"{self._where()} is not configured for JSON schemas")
+        for name, asked in (("logprobs", request.logprobs), ("tools", request.tools), ("suffix", request.suffix)):
+            if asked:  # not passed on (yet): refused rather than silently dropped
+                raise UnsupportedFeature(f"the remote backend does not pass '{name}' on to {self._where()}")
         return openai_wire.openai_body(request, self.model, sampling_extras=self.spec.sampling_extras, stream=stream)
 
     def generate(self, request: GenerationRequest) -> Completion:

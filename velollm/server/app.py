@@ -277,9 +277,9 @@ def create_app(config: ServerConfig, pool: Any = None) -> FastAPI:
         model_id, ref = config.resolve(parsed.model)
         stream = await open_choices(request, model_id, ref, parsed.requests(), parsed.keep_alive)
         if parsed.stream:
-            return _sse(_chat_events(stream, model_id, parsed.n, parsed.include_usage))
+            return _sse(_chat_events(stream, model_id, parsed.n, parsed.include_usage, parsed.tool_calling))
         completions = await _unless_disconnected(request, acollect(stream, parsed.n, model_id))
-        return oc.chat_completion(completions, model_id)
+        return oc.chat_completion(completions, model_id, tool_calling=parsed.tool_calling)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request) -> Any:
@@ -416,21 +416,21 @@ def _data(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _chat_events(stream: AsyncStream, model: str, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def _chat_events(stream: AsyncStream, model: str, n: int, include_usage: bool,
+                       tool_calling: bool = False) -> AsyncIterator[str]:
     id, created = oc.new_id(), int(time.time())
-    started: set[int] = set()
+    choices: dict[int, oc.ChatChoiceStream] = {}  # per choice: tool-call deltas, logprobs
     finals: list[Chunk] = []
     async with stream:
         try:
             async for index, chunk in stream:
-                if index not in started:
-                    started.add(index)
-                    yield _data(oc.chat_chunk(id, model, created, index, role=True, content=""))
-                if chunk.text:
-                    yield _data(oc.chat_chunk(id, model, created, index, content=chunk.text))
+                if index not in choices:
+                    choices[index] = oc.ChatChoiceStream(id, model, created, index, tool_calling=tool_calling)
+                    yield _data(choices[index].start())
+                for event in choices[index].feed(chunk):
+                    yield _data(event)
                 if chunk.finish_reason is not None:
                     finals.append(chunk)
-                    yield _data(oc.chat_chunk(id, model, created, index, finish_reason=chunk.finish_reason))
         except Exception as exc:  # the answer has started: the error can only be an event
             yield _stream_error(exc)
             return
@@ -442,11 +442,15 @@ async def _chat_events(stream: AsyncStream, model: str, n: int, include_usage: b
 async def _text_events(stream: AsyncStream, model: str, prompts: int, include_usage: bool) -> AsyncIterator[str]:
     id, created = oc.new_id("cmpl"), int(time.time())
     finals: list[Chunk] = []
+    offsets: dict[int, int] = {}  # text offset of each choice's next logprobs token
     async with stream:
         try:
             async for index, chunk in stream:
                 if chunk.text or chunk.finish_reason is not None:
-                    yield _data(oc.text_chunk(id, model, created, index, chunk.text, chunk.finish_reason))
+                    logprobs = oc.text_logprobs(chunk.logprobs, offsets.get(index, 0))
+                    if logprobs is not None:
+                        offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
+                    yield _data(oc.text_chunk(id, model, created, index, chunk.text, chunk.finish_reason, logprobs))
                 if chunk.finish_reason is not None:
                     finals.append(chunk)
         except Exception as exc:

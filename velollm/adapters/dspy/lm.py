@@ -32,7 +32,8 @@ PREFIX = "velollm/"
 #: Call options DSPy may hand this engine (adapters read this to decide what to send).
 SUPPORTED_PARAMS = frozenset({
     "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n", "response_format",
-    "frequency_penalty", "presence_penalty", "stream",
+    "frequency_penalty", "presence_penalty", "stream", "tools", "tool_choice", "parallel_tool_calls",
+    "logprobs", "top_logprobs",
 })
 
 
@@ -46,7 +47,6 @@ def check_ref(ref: str) -> None:
 class PoolEngine:
     """The synchronous DSPy engine: one pooled velollm engine per call, leased and released."""
 
-    supports_function_calling = False
     supports_reasoning = False
 
     def __init__(self, ref: str, *, backend: str | None = None, load_options: dict[str, Any] | None = None,
@@ -90,6 +90,11 @@ class PoolEngine:
         return self.structured_outputs and self.capabilities().json_schema
 
     @property
+    def supports_function_calling(self) -> bool:
+        """Native tool calling (velollm.tools): the engine renders tools and constrains the calls."""
+        return self.capabilities().tools
+
+    @property
     def supported_params(self) -> frozenset[str]:
         return SUPPORTED_PARAMS if self.structured_outputs else SUPPORTED_PARAMS - {"response_format"}
 
@@ -125,14 +130,15 @@ class PoolEngine:
             finally:
                 lease.release()
         timings = completion.timings.model_dump(exclude={"extra"})
-        return lm15_convert.to_response(completion, self.model, provider_data={"velollm": {"timings": timings}})
+        return lm15_convert.to_response(completion, self.model, provider_data={"velollm": {"timings": timings}},
+                                        tool_calling=lm15_convert.tool_calling(request))
 
     def stream(self, request: lm15.Request) -> Iterator[Any]:
         with self._errors():
             generation = lm15_convert.to_generation_request(request)
-        return self._events(generation)
+        return self._events(generation, lm15_convert.tool_calling(request))
 
-    def _events(self, generation: GenerationRequest) -> Iterator[Any]:
+    def _events(self, generation: GenerationRequest, tool_calling: bool = False) -> Iterator[Any]:
         with self._errors():
             lease = self._acquire()
             chunks: Any = None
@@ -143,7 +149,7 @@ class PoolEngine:
                     chunks = engine.stream(generation)
                 except GrammarError as exc:
                     chunks = engine.stream(self._unconstrained(generation, exc))
-                yield from lm15_convert.to_events(chunks, self.model)
+                yield from lm15_convert.to_events(chunks, self.model, tool_calling=tool_calling)
             finally:
                 # close the engine's generator here: it holds the model until closed
                 close = getattr(chunks, "close", None)
@@ -171,12 +177,15 @@ class AsyncPoolEngine:
     def __init__(self, sync: PoolEngine) -> None:
         self.sync = sync
 
-    supports_function_calling = False
     supports_reasoning = False
 
     @property
     def supports_response_schema(self) -> bool:
         return self.sync.supports_response_schema
+
+    @property
+    def supports_function_calling(self) -> bool:
+        return self.sync.supports_function_calling
 
     @property
     def supported_params(self) -> frozenset[str]:

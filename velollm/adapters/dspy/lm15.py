@@ -7,13 +7,14 @@ shell, and a change in either vocabulary is a change in one file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from dspy import lm15
 
-from velollm import openai_wire
-from velollm.engine import Chunk, Completion, GenerationRequest
+from velollm import openai_wire, tools
+from velollm.engine import Chunk, Completion, GenerationRequest, TokenLogprob
 from velollm.errors import (
     BackendNotFound,
     BackendUnavailable,
@@ -46,18 +47,59 @@ def _text_of(parts: Any, where: str) -> str:
     return "".join(texts)
 
 
+def _tool_params(request: lm15.Request) -> dict[str, Any]:
+    """lm15 tools and tool choice as OpenAI ``tools`` / ``tool_choice`` / ``parallel_tool_calls``."""
+    functions = []
+    for tool in request.tools:
+        if not isinstance(tool, lm15.FunctionTool):
+            raise UnsupportedFeature(f"velollm engines call function tools only, not {tool.type!r} tool {tool.name!r}")
+        functions.append({"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                                           "parameters": dict(tool.parameters)}})
+    params: dict[str, Any] = {"tools": functions}
+    choice = request.config.tool_choice
+    if choice is not None:
+        if choice.allowed:  # the tools the model may call this time: only those are offered
+            params["tools"] = [f for f in functions if f["function"]["name"] in choice.allowed]
+        if choice.mode == "required" and len(choice.allowed) == 1:
+            params["tool_choice"] = {"type": "function", "function": {"name": choice.allowed[0]}}
+        else:
+            params["tool_choice"] = choice.mode
+        if choice.parallel is not None:
+            params["parallel_tool_calls"] = choice.parallel
+    if request.config.response_format is not None:
+        params["response_format"] = request.config.response_format
+    return params
+
+
+def tool_calling(request: lm15.Request) -> bool:
+    """Whether the answer to ``request`` may hold tool calls (to be parsed out of the text)."""
+    choice = request.config.tool_choice
+    return bool(request.tools) and (choice is None or choice.mode != "none")
+
+
+def _message_entries(message: Any, i: int) -> list[dict[str, Any]]:
+    """One lm15 message as velollm chat messages (a tool message may answer several calls)."""
+    if message.role == "tool":
+        return [{"role": "tool", "tool_call_id": part.id, "name": part.name,
+                 "content": _text_of(part.content, f"message {i}'s tool result")} for part in message.parts]
+    calls = [part for part in message.parts if isinstance(part, lm15.ToolCallPart)]
+    texts = [part for part in message.parts if not isinstance(part, lm15.ToolCallPart)]
+    entry: dict[str, Any] = {"role": _ROLES[message.role], "content": _text_of(texts, f"message {i}")}
+    if calls:
+        entry["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": json.dumps(c.input, ensure_ascii=False)}}
+                               for c in calls]
+    return [entry]
+
+
 def to_generation_request(request: lm15.Request) -> GenerationRequest:
     """A canonical Request as a velollm GenerationRequest; unset knobs keep velollm's defaults."""
-    if request.tools:
-        raise UnsupportedFeature("velollm engines do not do native tool calling; use a DSPy adapter's text tools")
     config = request.config
-    if config.logprobs is not None:
-        raise UnsupportedFeature("velollm engines do not return log probabilities")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     if request.system is not None:
         messages.append({"role": "system", "content": _text_of(request.system, "the system prompt")})
     for i, message in enumerate(request.messages):
-        messages.append({"role": _ROLES[message.role], "content": _text_of(message.parts, f"message {i}")})
+        messages.extend(_message_entries(message, i))
 
     fields: dict[str, Any] = {"messages": messages}
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty"):
@@ -72,6 +114,12 @@ def to_generation_request(request: lm15.Request) -> GenerationRequest:
         raise UnsupportedFeature(f"velollm does not know the extension setting(s) {sorted(unknown)}; "
                                  f"known: {sorted(EXTENSION_KEYS)}")
     fields.update(extensions)
+    if config.logprobs is not None:
+        fields.update(logprobs=True, top_logprobs=config.logprobs)
+    if request.tools:
+        tool_fields, _ = tools.request_fields(_tool_params(request))
+        fields.update(tool_fields)
+        return GenerationRequest.of(**fields)
     fmt = config.response_format
     if fmt is not None and "grammar" not in fields:
         fields["json_schema"] = fmt["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
@@ -90,27 +138,74 @@ def new_id() -> str:
     return openai_wire.new_id("velollm")
 
 
-def to_response(completion: Completion, model: str, *, provider_data: dict[str, Any] | None = None) -> lm15.Response:
-    """A finished velollm generation as a canonical Response with the real token counts."""
+def _logprobs(entries: list[TokenLogprob] | None) -> tuple[lm15.TokenLogprob, ...] | None:
+    if entries is None:
+        return None
+    return tuple(lm15.TokenLogprob(token=e.token, logprob=e.logprob, bytes=tuple(e.bytes), token_id=e.id,
+                                   top=tuple(lm15.TopLogprob(token=t.token, logprob=t.logprob, bytes=tuple(t.bytes),
+                                                             token_id=t.id) for t in e.top_logprobs))
+                 for e in entries)
+
+
+def _call_part(call: dict[str, Any]) -> Any:
+    """A parsed call as an lm15 ToolCallPart; ``None`` when its arguments were cut off (finish "length")."""
+    try:
+        arguments = json.loads(call["function"]["arguments"] or "{}")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    return lm15.ToolCallPart(id=call["id"], name=call["function"]["name"], input=arguments)
+
+
+def to_response(completion: Completion, model: str, *, provider_data: dict[str, Any] | None = None,
+                tool_calling: bool = False) -> lm15.Response:
+    """A finished velollm generation as a canonical Response with the real token counts (tool calls as
+    ToolCallParts when tools were offered)."""
+    parts: list[Any] = []
+    finish: str = completion.finish_reason
+    if tool_calling:
+        content, calls = tools.parse_output(completion.text)
+        if content:
+            parts.append(lm15.TextPart(text=content))
+        parts += [part for part in map(_call_part, calls) if part is not None]
+        finish = "tool_call" if calls and finish == "stop" else finish
     return lm15.Response(
         id=new_id(),
         model=model,
-        message=lm15.Message.assistant(completion.text),
-        finish_reason=completion.finish_reason,
+        message=lm15.Message.assistant(parts or completion.text),
+        finish_reason=finish,
         usage=_usage(completion.usage),
+        logprobs=_logprobs(completion.logprobs),
         provider_data=provider_data,
     )
 
 
-def to_events(chunks: Iterator[Chunk], model: str) -> Iterator[Any]:
-    """velollm chunks as lm15 stream events: one start, text deltas, one end with usage."""
+def to_events(chunks: Iterator[Chunk], model: str, *, tool_calling: bool = False) -> Iterator[Any]:
+    """velollm chunks as lm15 stream events: one start, text (with logprobs) and tool-call deltas, one end."""
     yield lm15.StreamStartEvent(id=new_id(), model=model)
+    parser = tools.ToolCallParser() if tool_calling else None
+    calls = False
     for chunk in chunks:
-        if chunk.text:
-            yield lm15.StreamDeltaEvent(delta=lm15.TextDelta(text=chunk.text))
+        logprobs = _logprobs(chunk.logprobs) or ()
+        if parser is None:
+            deltas = [{"content": chunk.text}] if chunk.text else []
+        else:
+            deltas = parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason is not None else [])
+        for delta in deltas:
+            if delta.get("content"):
+                yield lm15.StreamDeltaEvent(delta=lm15.TextDelta(text=delta["content"], logprobs=logprobs))
+                logprobs = ()
+            for call in delta.get("tool_calls") or ():
+                calls = True
+                function = call["function"]
+                yield lm15.StreamDeltaEvent(delta=lm15.ToolCallDelta(
+                    input=function.get("arguments") or "", part_index=1 + call["index"], id=call.get("id"),
+                    name=function.get("name")))
         if chunk.finish_reason is not None:
             usage = _usage(chunk.usage) if chunk.usage is not None else None
-            yield lm15.StreamEndEvent(finish_reason=chunk.finish_reason, usage=usage)
+            finish = "tool_call" if calls and chunk.finish_reason == "stop" else chunk.finish_reason
+            yield lm15.StreamEndEvent(finish_reason=finish, usage=usage)
             return
 
 

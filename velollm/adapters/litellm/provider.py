@@ -21,9 +21,9 @@ from typing import Any
 
 import litellm
 from litellm import CustomLLM
-from litellm.types.utils import Choices, GenericStreamingChunk, Message, ModelResponse
+from litellm.types.utils import ChoiceLogprobs, Choices, GenericStreamingChunk, Message, ModelResponse
 
-from velollm import openai_wire
+from velollm import openai_wire, tools
 from velollm.engine import Chunk
 from velollm.errors import (
     AuthenticationFailed,
@@ -89,11 +89,15 @@ def _parse(model: str, messages: list[Any], optional_params: dict[str, Any]) -> 
     return openai_wire.parse_chat(params, strict=False)
 
 
-def _fill(response: ModelResponse, model: str, completions: list[Any]) -> ModelResponse:
-    response.choices = [
-        Choices(index=i, finish_reason=c.finish_reason, message=Message(role="assistant", content=c.text))
-        for i, c in enumerate(completions)
-    ]
+def _fill(response: ModelResponse, model: str, completions: list[Any], tool_calling: bool = False) -> ModelResponse:
+    choices = []
+    for i, c in enumerate(completions):
+        message, finish = openai_wire.chat_message(c, tool_calling=tool_calling)
+        choice = Choices(index=i, finish_reason=finish, message=Message(**message))
+        if c.logprobs is not None:
+            choice.logprobs = ChoiceLogprobs(**openai_wire.chat_logprobs(c.logprobs))
+        choices.append(choice)
+    response.choices = choices
     usage = openai_wire.total_usage(completions)
     response.usage = litellm.Usage(**usage)  # type: ignore[attr-defined]
     response.model = model
@@ -101,14 +105,43 @@ def _fill(response: ModelResponse, model: str, completions: list[Any]) -> ModelR
     return response
 
 
-def _generic(chunk: Chunk) -> GenericStreamingChunk:
+def _generic(chunk: Chunk, finish_reason: str | None = None) -> GenericStreamingChunk:
     usage = None
     if chunk.usage is not None:
         usage = openai_wire.usage_dict(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
     return GenericStreamingChunk(
-        text=chunk.text, is_finished=chunk.finish_reason is not None, finish_reason=chunk.finish_reason or "",
-        usage=usage, index=0, tool_use=None,
+        text=chunk.text, is_finished=chunk.finish_reason is not None,
+        finish_reason=finish_reason or chunk.finish_reason or "", usage=usage, index=0, tool_use=None,
     )
+
+
+class _GenericChunks:
+    """Engine chunks -> litellm's generic chunks; with tools offered, tool calls leave as ``tool_use``
+    deltas (one call fragment per chunk) that litellm reassembles into ``tool_calls``."""
+
+    def __init__(self, tool_calling: bool) -> None:
+        self._parser = tools.ToolCallParser() if tool_calling else None
+        self._calls = False
+
+    def feed(self, chunk: Chunk) -> list[GenericStreamingChunk]:
+        if self._parser is None:
+            return [_generic(chunk)]
+        deltas = self._parser.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            deltas += self._parser.finish()
+        out = []
+        for delta in deltas:
+            for call in delta.get("tool_calls") or [None]:
+                self._calls = self._calls or call is not None
+                tool_use = None if call is None else {
+                    "id": call.get("id"), "type": "function", "index": call["index"],
+                    "function": {"name": call["function"].get("name"), "arguments": call["function"]["arguments"]}}
+                out.append(GenericStreamingChunk(text=delta.get("content") or "", is_finished=False, finish_reason="",
+                                                 usage=None, index=0, tool_use=tool_use))
+        if chunk.finish_reason is not None:
+            finish = tools.finish_reason(chunk.finish_reason, [True] if self._calls else [])
+            out.append(_generic(chunk.model_copy(update={"text": ""}), finish))
+        return out
 
 
 class VeloLLMProvider(CustomLLM):
@@ -132,6 +165,9 @@ class VeloLLMProvider(CustomLLM):
         parsed = _parse(model, messages, optional_params)
         if stream and parsed.n > 1:
             raise UnsupportedFeature("n > 1 with stream=True is not supported by the litellm provider")
+        if stream and parsed.request.logprobs:  # litellm's generic stream chunks have no place for them
+            raise UnsupportedFeature("logprobs with stream=True are not supported by the litellm provider; "
+                                     "stream without them, or ask velollm's server")
         return parsed
 
     def _open(self, model: str, parsed: openai_wire.ParsedRequest) -> LeasedStream:
@@ -144,14 +180,14 @@ class VeloLLMProvider(CustomLLM):
             parsed = self._prepare(model, messages, optional_params, stream=False)
             with self._open(model, parsed) as stream:
                 completions = collect_choices(stream, parsed.n, model)
-        return _fill(model_response, model, completions)
+        return _fill(model_response, model, completions, parsed.tool_calling)
 
     def streaming(self, model: str, messages: list[Any], model_response: ModelResponse,
                   optional_params: dict[str, Any], **kwargs: Any) -> Iterator[GenericStreamingChunk]:
         with litellm_errors(model):
             parsed = self._prepare(model, messages, optional_params, stream=True)
             stream = self._open(model, parsed)  # load, queue and validate now: errors before any chunk
-        return _sync_chunks(stream, model)
+        return _sync_chunks(stream, model, parsed.tool_calling)
 
     async def acompletion(self, model: str, messages: list[Any], model_response: ModelResponse,
                           optional_params: dict[str, Any], **kwargs: Any) -> ModelResponse:
@@ -159,17 +195,19 @@ class VeloLLMProvider(CustomLLM):
             parsed = self._prepare(model, messages, optional_params, stream=False)
             stream = await start_stream(lambda: self._open(model, parsed))
             completions = await acollect(stream, parsed.n, model)
-        return _fill(model_response, model, completions)
+        return _fill(model_response, model, completions, parsed.tool_calling)
 
     async def astreaming(self, model: str, messages: list[Any], model_response: ModelResponse,
                          optional_params: dict[str, Any], **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:
         with litellm_errors(model):
             parsed = self._prepare(model, messages, optional_params, stream=True)
             stream = await start_stream(lambda: self._open(model, parsed))
+        chunks = _GenericChunks(parsed.tool_calling)
         async with stream:
             with litellm_errors(model):
                 async for _, chunk in stream:
-                    yield _generic(chunk)
+                    for generic in chunks.feed(chunk):
+                        yield generic
 
     # --- embeddings (velollm.embeddings) ------------------------------------------------------
     def embedding(self, model: str, input: Any, model_response: Any, optional_params: dict[str, Any] | None = None,
@@ -186,10 +224,11 @@ class VeloLLMProvider(CustomLLM):
         return await asyncio.to_thread(self.embedding, model, input, model_response, optional_params)
 
 
-def _sync_chunks(stream: LeasedStream, model: str) -> Iterator[GenericStreamingChunk]:
+def _sync_chunks(stream: LeasedStream, model: str, tool_calling: bool = False) -> Iterator[GenericStreamingChunk]:
+    chunks = _GenericChunks(tool_calling)
     with stream, litellm_errors(model):
         for _, chunk in stream:
-            yield _generic(chunk)
+            yield from chunks.feed(chunk)
 
 
 _registered: VeloLLMProvider | None = None

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from velollm.chat_templates import ChatTemplate
+from velollm.chat_templates import ChatTemplate, fim_tokens
 from velollm.engine import (
     Capabilities,
     Chunk,
@@ -38,6 +38,7 @@ from velollm.errors import (
 )
 from velollm.gguf import info as gguf_info
 from velollm.limits import check_grammar
+from velollm.logprobs import recorder_for
 from velollm.plugins.llamacpp import log as llamacpp_log
 from velollm.plugins.llamacpp.sampling import SequenceSampler, is_greedy, random_seed
 from velollm.textstream import TokenTextStream
@@ -143,6 +144,8 @@ class LlamaCppEngine:
             gguf_template=info.chat_template, architecture=info.architecture, chat_format=options.chat_format,
             bos_token=bos, eos_token=eos, vocab_has=[p for p in probes if self._is_single_token(p)],
         )
+        self.capabilities.logprobs = self.capabilities.tools = True
+        self.capabilities.fill_in_middle = fim_tokens(self.tokenize) is not None
 
     @classmethod
     def open(cls, info: gguf_info.ModelInfo, options: LoadOptions, *, backend: str, offload: bool) -> LlamaCppEngine:
@@ -235,6 +238,12 @@ class LlamaCppEngine:
         self._check_open()
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
 
+    def _check_token_ids(self, tokens: list[int]) -> None:
+        n_vocab = self._llama.n_vocab()
+        bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab]
+        if bad:
+            raise InvalidRequest(f"token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:10]}")
+
     def detokenize(self, tokens: list[int]) -> str:
         self._check_open()
         n_vocab = self._llama.n_vocab()
@@ -306,6 +315,8 @@ class LlamaCppEngine:
         # validate before taking the lock, so bad requests fail fast and never touch the model
         check_request_extras(self, request)
         prompt = self.prompt_tokens(request)
+        if isinstance(request.prompt, list):  # token ids from the client: llama.cpp aborts on an unknown one
+            self._check_token_ids(prompt)
         n_ctx = self.context_length
         if len(prompt) >= n_ctx:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}")
@@ -319,6 +330,8 @@ class LlamaCppEngine:
             from velollm.plugins.llamacpp.speculative import request_mode
 
             mode = request_mode(self._speculator, request)
+        if request.logprobs:  # log-probabilities need the logits of every step: decode one token at a time
+            mode = "off"
         return self._run(request, prompt, grammar, mode)
 
     def _run(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: str = "off") -> Iterator[Chunk]:
@@ -400,6 +413,7 @@ class LlamaCppEngine:
         else:
             groups = self._vanilla_groups(request, prompt, grammar, seed, max_new)
         text = TokenTextStream(request.stop)
+        logprobs = recorder_for(request, self._piece)  # velollm.logprobs: on_logits(row, token) per step
         n_out, finish = 0, "length"
         try:
             for group in groups:
@@ -410,6 +424,8 @@ class LlamaCppEngine:
                     if self.is_end_of_generation(token):
                         finish = "stop"
                         break
+                    if logprobs is not None:  # one-token groups: the last decode's logits chose this token
+                        logprobs.on_logits(self._get_runner().logits(-1), token)
                     n_out += 1
                     pieces.append(text.feed(self._piece(token)))
                     if text.stopped:
@@ -419,9 +435,12 @@ class LlamaCppEngine:
                         break
                 piece = "".join(pieces)
                 if piece:
-                    yield Chunk(text=piece)
+                    yield Chunk(text=piece, logprobs=logprobs.take() if logprobs is not None else None)
                 if finish == "stop" or n_out >= max_new:
                     break
+            else:
+                if n_out < max_new:  # the tokens ran out early: a constraint finished its answer
+                    finish = "stop"
         except (RuntimeError, ValueError, OSError) as exc:  # llama_decode failures surface as these
             raise GenerationError(f"llama.cpp failed while generating: {exc}") from exc
         finally:
@@ -434,6 +453,7 @@ class LlamaCppEngine:
             finish_reason=finish,
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_out),
             timings=Timings.measure(start, first, end, len(prompt), n_out, **(last.as_dict() if last else {})),
+            logprobs=logprobs.take() if logprobs is not None else None,
         )
 
     # --- embeddings -------------------------------------------------------------------------

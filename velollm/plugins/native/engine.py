@@ -26,13 +26,13 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from velollm.chat_templates import ChatTemplate
+from velollm.chat_templates import ChatTemplate, fim_tokens
 from velollm.engine import (
     Capabilities,
     Chunk,
@@ -54,6 +54,7 @@ from velollm.errors import (
 )
 from velollm.gguf import info as gguf_info
 from velollm.gguf.header import HeaderError, read_header
+from velollm.logprobs import recorder_for
 from velollm.plugins.native.model import KVCache, ModelConfig, Transformer
 from velollm.plugins.native.numerics import MODES, Numerics
 from velollm.plugins.native.sampling import Sampler, SamplingParams
@@ -169,6 +170,8 @@ class NativeEngine:
             bos_token=bos, eos_token=eos,
             vocab_has=[p for p in probes if len(self.tokenizer.encode(p, add_special=False, parse_special=True)) == 1],
         )
+        self.capabilities.logprobs = True
+        self.capabilities.fill_in_middle = fim_tokens(self.tokenizer.encode) is not None
 
     # --- tokens ---------------------------------------------------------------------------
     @property
@@ -264,6 +267,8 @@ class NativeEngine:
         check_request_extras(self, request)
         params = SamplingParams.from_request(request)
         prompt = self.prompt_tokens(request)
+        if isinstance(request.prompt, list):  # token ids from the client
+            self._check_tokens(prompt)
         if len(prompt) >= self.context_length:
             raise ContextOverflow(
                 f"the prompt has {len(prompt)} tokens; the context window holds {self.context_length}")
@@ -292,9 +297,11 @@ class NativeEngine:
             logits = self._forward_chunks(prompt[reuse:], cache, "last")
         return logits[-1], reuse
 
-    def _tokens(self, prompt: list[int], sampler: Sampler, max_new: int) -> Iterator[int]:
+    def _tokens(self, prompt: list[int], sampler: Sampler, max_new: int,
+                on_logits: Callable[[np.ndarray, int], None] | None = None) -> Iterator[int]:
         """Sampled token ids after ``prompt``, up to ``max_new``; stops before an end-of-generation
-        token. The cache is reset if anything goes wrong, so a failed step never poisons the next."""
+        token. The cache is reset if anything goes wrong, so a failed step never poisons the next.
+        ``on_logits(row, token)`` sees the logits each token was sampled from (log-probabilities)."""
         try:
             logits, self._reused = self._prefill(prompt)
             for n in range(max_new):
@@ -302,6 +309,8 @@ class NativeEngine:
                 if self.vocab.is_eog(token):
                     self._last_eog = True
                     return
+                if on_logits is not None:
+                    on_logits(logits, token)
                 yield token
                 if n + 1 < max_new:
                     self._ensure_open()
@@ -336,7 +345,8 @@ class NativeEngine:
         text = TokenTextStream(request.stop)
         n_out, finish = 0, "length"
         self._last_eog, self._reused = False, 0
-        tokens = self._tokens(prompt, Sampler(params), max_new)
+        logprobs = recorder_for(request, self.tokenizer.piece)
+        tokens = self._tokens(prompt, Sampler(params), max_new, None if logprobs is None else logprobs.on_logits)
         try:
             for token in tokens:
                 if first is None:
@@ -344,7 +354,7 @@ class NativeEngine:
                 n_out += 1
                 piece = text.feed(self.tokenizer.piece(token))
                 if piece:
-                    yield Chunk(text=piece)
+                    yield Chunk(text=piece, logprobs=logprobs.take() if logprobs is not None else None)
                 if text.stopped:
                     finish = "stop"
                     break
@@ -360,6 +370,7 @@ class NativeEngine:
             finish_reason=finish,  # type: ignore[arg-type]
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=n_out),
             timings=Timings.measure(start, first, end, len(prompt), n_out, prompt_tokens_reused=self._reused),
+            logprobs=logprobs.take() if logprobs is not None else None,
         )
 
     # --- lifetime ---------------------------------------------------------------------------
