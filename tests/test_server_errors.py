@@ -86,7 +86,8 @@ def _exchange(sock: socket.socket, method: str, path: str, body: bytes = b"") ->
             raise ConnectionError(f"the server closed the connection (read so far: {data[:200]!r})")
         data += part
     header, _, rest = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(rest) < length:
         part = sock.recv(65536)
         if not part:

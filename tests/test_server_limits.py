@@ -150,3 +150,24 @@ def test_max_tokens_inside_a_multi_token_character_drops_the_tail(server: Server
     assert text == "", events
     whole = _post(server, "/v1/completions", {**body, "max_tokens": 4}).json()["choices"][0]["text"]
     assert whole == THREE_TOKEN_CHAR  # 3 tokens spell it; the 4th is the first byte of the next: dropped
+
+
+def test_completions_take_the_prompt_as_token_ids(server: Server) -> None:
+    text = "The capital of France is"
+    ids = _post(server, "/tokenize", {"model": GEMMA, "prompt": text}).json()["tokens"]
+    body = {"model": GEMMA, "max_tokens": 5, "temperature": 0}
+    by_text = _post(server, "/v1/completions", {**body, "prompt": text}).json()
+    by_ids = _post(server, "/v1/completions", {**body, "prompt": ids}).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"] and by_ids["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids) == by_text["usage"]["prompt_tokens"]
+    both = _post(server, "/v1/completions", {**body, "prompt": [ids, ids[:3]]}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["choices"][0]["text"] == by_text["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("prompt", [[2, 262144], [[5, 6], [-1]], [10**12]])
+def test_token_ids_outside_the_vocabulary_are_a_400_naming_them(server: Server, prompt: list[Any]) -> None:
+    message = _error(_post(server, "/v1/completions", {"model": GEMMA, "prompt": prompt, "max_tokens": 1}))
+    assert "outside the vocabulary (0..262143)" in message
+    assert str(prompt[-1][-1] if isinstance(prompt[-1], list) else prompt[-1]) in message
+    _assert_alive(server)
