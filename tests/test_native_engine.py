@@ -104,8 +104,10 @@ def test_request_errors_are_typed(native: Engine) -> None:
         native.generate(GenerationRequest(prompt="x", json_schema={"type": "object"}))
     with pytest.raises(ContextOverflow):
         native.generate(GenerationRequest(prompt="word " * 600, max_tokens=2))
-    with pytest.raises(InvalidRequest):
-        native.generate(GenerationRequest(prompt="x", extra={"mirostat": 1}))
+    with pytest.raises(UnsupportedFeature, match="no_such_knob"):  # unknown extras are refused, not dropped
+        native.generate(GenerationRequest(prompt="x", extra={"no_such_knob": 1}))
+    with pytest.raises(InvalidRequest):  # mirostat 1 and 2 are both implemented; 3 is not a mode
+        GenerationRequest.of(prompt="x", mirostat_mode=3)
     with pytest.raises(InvalidRequest):
         native.logits([native.vocab.size + 5])  # type: ignore[attr-defined]
     with pytest.raises(InvalidRequest):
