@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from velollm.pool.status import parse_keep_alive
 
 from velollm.engine import Capabilities, Chunk, Completion, Engine, GenerationRequest, LoadOptions, Usage
 from velollm.errors import (
@@ -36,6 +35,7 @@ from velollm.hookspecs import hookimpl
 from velollm.host import Host
 from velollm.placement import MemoryNeeds
 from velollm.pool import ModelPool
+from velollm.pool.status import parse_keep_alive
 
 MiB, GiB = 1 << 20, 1 << 30
 
