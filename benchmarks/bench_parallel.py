@@ -111,6 +111,19 @@ def evaluate(lm: Any, adapter: Any, program: Any, examples: list[dspy.Example], 
     return {"threads": threads, "wall_s": wall, "examples_per_s": len(examples) / wall, "accuracy": score}
 
 
+def bootstrap_then_evaluate(lm: Any, adapter: Any, train: list[dspy.Example], dev: list[dspy.Example],
+                            threads: int) -> dict[str, Any]:
+    """BootstrapFewShot compiles a ChainOfThought classifier, then dspy.Evaluate scores it (one route)."""
+    with dspy.context(lm=lm, adapter=adapter):
+        start = time.perf_counter()
+        optimizer = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=4, max_labeled_demos=4)
+        compiled = optimizer.compile(dspy.ChainOfThought(Sentiment), trainset=train)
+        compiled_s = time.perf_counter() - start
+    row = evaluate(lm, adapter, compiled, dev, threads)
+    return {"compile_s": compiled_s, "evaluate_s": row["wall_s"], "total_s": compiled_s + row["wall_s"],
+            "accuracy": row["accuracy"], "threads": threads}
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs (shared machine)"
@@ -155,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--only", choices=["velollm", "plain"])
     parser.add_argument("--no-ttft", action="store_true")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="also BootstrapFewShot(ChainOfThought) on N train examples, then Evaluate at the "
+                             "largest thread count (both routes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -194,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     if "velollm" in results and "plain" in results:
         report["velollm_over_plain"] = {r["threads"]: p["wall_s"] / r["wall_s"]
                                         for r, p in zip(results["velollm"], results["plain"], strict=True)}
+    if args.bootstrap:
+        train = dataset(32)[1][::-1][:args.bootstrap]  # the end of the pool: disjoint from 16 eval examples
+        report["bootstrap"] = {}
+        for name, (lm, adapter) in routes.items():
+            row = bootstrap_then_evaluate(lm, adapter, train, examples, max(args.threads_list))
+            report["bootstrap"][name] = row
+            print(f"{name:8s} BootstrapFewShot {row['compile_s']:.1f} s + Evaluate {row['evaluate_s']:.1f} s "
+                  f"= {row['total_s']:.1f} s, accuracy {row['accuracy']:.1f}", flush=True)
     if "velollm" in routes and not args.no_ttft:
         report["prefix_cache"] = prefix_cache_ttft(routes["velollm"][0])
     report["end_load"] = load_average()
