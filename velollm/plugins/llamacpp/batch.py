@@ -117,6 +117,17 @@ class ConstraintPicker:
     def done(self) -> bool:
         return bool(self._state.done)
 
+    def take_forced(self) -> list[int]:
+        """Tokens the constraint forces next, already advanced (they are decoded later as one chunk)."""
+        if self._state.done:
+            return []
+        tokens = self._state.forced()
+        for token in tokens:
+            self._state.advance(token)
+            if self._chain is not None:
+                self._chain.accept(token)
+        return tokens
+
     def close(self) -> None:
         if self._chain is not None:
             self._chain.close()
@@ -719,9 +730,26 @@ class BatchDecoder:
             return
         if seq.first is None:
             seq.first = time.perf_counter()
+        if self._emit(seq, token):
+            return
+        take_forced = getattr(seq.picker, "take_forced", None)
+        if take_forced is None or seq.logprobs is not None:  # forced tokens have no logits row of their own
+            return
+        try:
+            forced = take_forced()
+        except Exception as exc:
+            self._fail(seq, exc if isinstance(exc, VeloError) else GenerationError(
+                f"constraint failed: {type(exc).__name__}: {exc}"))
+            return
+        for token in forced:  # the grammar allows nothing else: no need to decode one token per step
+            if self._emit(seq, token):
+                return
+
+    def _emit(self, seq: Sequence, token: int) -> bool:
+        """Append one chosen token and stream its text; True when the sequence finished."""
         if self._is_eog(token):
             self._finish(seq, "stop")
-            return
+            return True
         seq.tokens.append(token)
         seq.n_out += 1
         text = seq.text.feed(self._piece(token))
@@ -731,6 +759,9 @@ class BatchDecoder:
             self._finish(seq, "stop")
         elif seq.n_out >= seq.max_new or len(seq.tokens) >= self.n_ctx:
             self._finish(seq, "length")
+        else:
+            return False
+        return True
 
     # --- endings ----------------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str) -> None:
