@@ -319,7 +319,11 @@ class LlamaCppEngine:
             self._check_token_ids(prompt)
         n_ctx = self.context_length
         if len(prompt) >= n_ctx:
-            raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}")
+            trained = self.info.context_length
+            raise ContextOverflow(
+                f"the prompt has {len(prompt)} tokens; the context window holds {n_ctx}: load the model with a larger "
+                f"n_ctx (LoadOptions.n_ctx, velollm.LM(n_ctx=...), velollm serve --ctx)"
+                + (f"; it was trained on {trained} tokens" if trained else ""))
         grammar = self.grammar_for(request)
         if self._batch is not None:  # continuous batching: the request joins the running batch
             from velollm.plugins.llamacpp import batch
