@@ -44,7 +44,7 @@ from velollm.plugins.llamacpp.sampling import SequenceSampler, is_greedy, random
 from velollm.textstream import TokenTextStream
 
 #: ``GenerationRequest.extra`` keys this engine understands (anything else is refused)
-REQUEST_EXTRAS = frozenset({"speculative", "grammar_check"})
+REQUEST_EXTRAS = frozenset({"speculative", "grammar_check", "guards"})
 #: the ``Llama``'s own context when a batch decoder holds the KV cache (it only tokenizes then)
 BATCH_LLAMA_CTX = 512
 #: ggml type ids of the KV cache types (``LoadOptions.type_k`` / ``type_v``)
@@ -133,6 +133,7 @@ class LlamaCppEngine:
         self._vocab = llama._model.vocab
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
+        self._constraints: Any = None  # velollm.constraints.ConstraintCache, made on the first constrained request
         self._speculator: Any = None  # a speculative.Speculator when speculative decoding is configured
         self._runner: Any = None  # velollm.plugins.llamacpp.runner.LlamaRunner, made on the first request
         self.request_extras = REQUEST_EXTRAS
@@ -363,6 +364,7 @@ class LlamaCppEngine:
         """One token per group: argmax, or the request's sampler chain (with the grammar in it, if any)."""
         runner = self._get_runner()
         chain = None if grammar is None and is_greedy(request) else self.sampler_for(request, seed, grammar)
+        loops = self._loop_detector(request) if grammar is None else None
         try:
             runner.refresh()
             runner.sync(prompt)  # reuses the cached prefix
@@ -371,20 +373,55 @@ class LlamaCppEngine:
                 yield [token]
                 if self.is_end_of_generation(token) or n + 1 == max_new:
                     return
+                if loops is not None and loops.feed(token):
+                    return  # degenerate repetition (velollm.constraints.loops): stop like an end token
                 runner.feed([token])
         finally:
             if chain is not None:
                 chain.close()
 
+    def constraint_cache(self) -> Any:
+        """Compiled constraints of this model (:mod:`velollm.constraints`; the vocabulary is read once)."""
+        from velollm.constraints import ConstraintCache, from_llama
+
+        if self._constraints is None:
+            self._constraints = ConstraintCache(from_llama(self._vocab))
+        return self._constraints
+
+    def constraint_state(self, request: GenerationRequest, max_new: int | None) -> Any:
+        """A :class:`velollm.constraints.ConstraintState` for the request (None when unconstrained)."""
+        if request.json_schema is None and request.grammar is None:
+            return None
+        factory = self.constraint_cache().get(json_schema=request.json_schema, grammar=request.grammar)
+        guards = request.extra.get("guards", True) is not False  # False: the grammar's own output, no budget/loops
+        return factory.start(max_new if guards else None, loops=guards)
+
+    def _loop_detector(self, request: GenerationRequest) -> Any:
+        """Stops unconstrained text that repeats itself (``extra={"guards": False}`` turns it off)."""
+        from velollm.constraints.loops import LoopDetector, TokenClasses
+
+        if request.extra.get("guards", True) is False:
+            return None
+        return LoopDetector(TokenClasses(self._piece))
+
     def _grammar_groups(self, request: GenerationRequest, grammar: Any, prompt: list[int], seed: int,
                         max_new: int) -> Iterator[list[int]]:
-        """Constrained decoding that asks the grammar about the chosen token only (:mod:`.grammar`)."""
-        from velollm.plugins.llamacpp.grammar import grammar_tokens
+        """Constrained decoding that asks the constraint about the chosen token only (:mod:`.grammar`):
+        llguidance (budgets, loop closing) when it takes the grammar, else llama.cpp's GBNF sampler."""
+        from velollm.plugins.llamacpp.grammar import constrained_tokens, grammar_tokens
 
+        try:  # grammar_check "gbnf": llama.cpp's GBNF sampler with the same fast path (benchmarks)
+            state = None if request.extra.get("grammar_check") == "gbnf" else self.constraint_state(request, max_new)
+        except GrammarError:  # a GBNF dialect detail llguidance reads differently: llama.cpp's sampler
+            state = None
         chain = None if is_greedy(request) else self.sampler_for(request, seed)
         try:
-            yield from grammar_tokens(self._get_runner(), self._vocab, grammar._grammar, prompt, max_new,
-                                      self.is_end_of_generation, chain)
+            if state is not None:
+                yield from constrained_tokens(self._get_runner(), state, prompt, max_new,
+                                              self.is_end_of_generation, chain)
+            else:
+                yield from grammar_tokens(self._get_runner(), self._vocab, grammar._grammar, prompt, max_new,
+                                          self.is_end_of_generation, chain)
         finally:
             if chain is not None:
                 chain.close()

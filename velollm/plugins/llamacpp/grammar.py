@@ -120,3 +120,53 @@ def grammar_tokens(runner: Any, vocab: Any, gbnf: str, prompt: list[int], max_ne
             runner.feed([token])
     finally:
         grammar.close()
+
+
+def _draw_unaccepted(chain: Any, row: np.ndarray, buf: dict[str, Any]) -> int:
+    """A token from ``chain`` over ``row`` without accepting it (it may still be refused)."""
+    import llama_cpp
+
+    n = len(row)
+    if "all" not in buf:
+        buf["all"] = np.zeros(n, dtype=TOKEN_DATA)
+        buf["ids"] = np.arange(n, dtype=np.int32)
+    data = buf["all"]
+    data["id"], data["logit"], data["p"] = buf["ids"], row, 0.0
+    array = llama_cpp.llama_token_data_array(data=ctypes.cast(data.ctypes.data, llama_cpp.llama_token_data_p),
+                                             size=n, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(array))
+    if not 0 <= array.selected < array.size:
+        raise GenerationError(f"llama.cpp's sampler chain selected no token ({array.selected})")
+    return int(data["id"][array.selected])
+
+
+def constrained_pick(state: Any, row: np.ndarray, chain: Any = None, buf: dict[str, Any] | None = None) -> int:
+    """The next token under a :class:`velollm.constraints.ConstraintState`: the argmax (or a draw from
+    ``chain``) when the constraint allows it, else the same from the masked row. Advances neither."""
+    if chain is None:
+        return state.pick_greedy(row)
+    token = _draw_unaccepted(chain, row, {} if buf is None else buf)
+    if state.allows(token):
+        chain.accept(token)
+        return token
+    masked = np.array(row, dtype=np.float32, copy=True)
+    state.mask(masked)
+    return chain.sample_logits(masked)
+
+
+def constrained_tokens(runner: Any, state: Any, prompt: list[int], max_new: int, is_end: Any,
+                       chain: Any = None) -> Iterator[list[int]]:
+    """Token groups (one token each) decoded under a constraint state (velollm.constraints, llguidance).
+
+    Stops when the constraint is done (a complete answer) even before an end token comes.
+    """
+    buf: dict[str, Any] = {}
+    runner.refresh()
+    runner.sync(prompt)
+    for n in range(max_new):
+        token = constrained_pick(state, runner.logits(-1), chain, buf)
+        state.advance(token)
+        yield [token]
+        if is_end(token) or n + 1 == max_new or state.done:
+            return
+        runner.feed([token])
