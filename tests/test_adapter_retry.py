@@ -45,6 +45,28 @@ def test_parse_failure_is_retried_with_feedback_then_raised() -> None:
     assert note["role"] == "user" and "could not be used" in note["content"] and "[[ ## answer ## ]]" in note["content"]
 
 
+def test_every_retry_differs_from_the_calls_before_it_and_says_how() -> None:
+    model = lm(GEMMA, max_tokens=24)
+    calls, context = counting(lm=model, adapter=velollm.Adapter(constrained=False, max_attempts=3))
+    with context:  # Gemma writes no markers; the third attempt switches to constrained JSON, which parses
+        prediction = dspy.Predict(TwoFields)(question="What is 2 + 3?")
+    assert calls.count == 3 and isinstance(prediction.answer, int)
+    sent = [(entry["messages"], {k: v for k, v in entry["kwargs"].items() if k != "messages"})
+            for entry in model.history]
+    assert len({repr(s) for s in sent}) == 3  # no two requests alike
+    second, third = (entry["velollm_retry"] for entry in model.history[1:])
+    assert second["attempt"] == 2 and "error fed back" in second["changes"]
+    assert "max_tokens=48" in second["changes"] and sent[1][1]["max_tokens"] == 48  # the first answer was cut
+    assert "format=json" in third["changes"] and "velollm_retry" not in model.history[0]
+
+
+def test_retries_do_not_multiply_with_the_lms_own() -> None:
+    assert should_retry(AdapterParseError("velollm.Adapter", TwoFields, "x"), lm_retries=2)
+    busy = to_lm15_error(QueueFull("busy"), model="velollm/x")
+    busy.__cause__ = QueueFull("busy")  # as raised by the LM: ``raise lm15_error from velollm_error``
+    assert should_retry(busy, lm_retries=0) and not should_retry(busy, lm_retries=2)
+
+
 def test_constrained_mode_needs_no_retry_on_the_same_model() -> None:
     model = lm(GEMMA, max_tokens=48)
     calls, context = counting(lm=model, adapter=velollm.Adapter(max_attempts=2))

@@ -1,4 +1,4 @@
-"""The three parse strategies on the kind of output small models really write (no model needed)."""
+"""The parse strategies on the kind of output small models really write (no model needed)."""
 
 from __future__ import annotations
 
@@ -185,3 +185,23 @@ def test_literal_out_of_set_is_not_accepted() -> None:
 
 def test_optional_field_may_be_missing() -> None:
     assert parse_completion(Optional_, '{"answer": "yes"}') == {"answer": "yes", "note": None}
+
+
+# --- "Field: value" lines ---------------------------------------------------------------------------
+def test_field_lines_are_a_strategy_after_markers_and_json() -> None:
+    text = "Sure!\nReasoning: 3 apples plus 4 apples\nmakes 7 apples.\nANSWER: 7\n"
+    values = parse_completion(Reasoned, text)
+    assert values == {"reasoning": "3 apples plus 4 apples\nmakes 7 apples.", "answer": 7}
+    assert parse_completion(Label, "**Label**: Positive.") == {"label": "positive"}
+    assert parse_completion(Reasoned, "- reasoning: two and two\n- answer: 4") == {"reasoning": "two and two",
+                                                                                   "answer": 4}
+
+
+def test_field_lines_do_not_override_markers_or_json_and_skip_input_names() -> None:
+    marked = "[[ ## reasoning ## ]]\nfrom markers\n[[ ## answer ## ]]\n5\n[[ ## completed ## ]]\nAnswer: 9"
+    assert parse_completion(Reasoned, marked)["answer"] == 5
+    # an echoed input line ends the value before it and is not an output
+    echoed = "Question: what is 2+2?\nReasoning: add them\nQuestion: again?\nAnswer: 4"
+    assert parse_completion(Reasoned, echoed) == {"reasoning": "add them", "answer": 4}
+    with pytest.raises(ParseFailure):
+        parse_completion(Reasoned, "Reasoning: only this field")

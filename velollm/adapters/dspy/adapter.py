@@ -106,8 +106,14 @@ class Adapter(ChatAdapter):
             return self.unconstrained_format, None
 
     def _prepare(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature], demos: list[dict[str, Any]],
-                 inputs: dict[str, Any]) -> tuple[type[Signature], list[dict[str, Any]], dict[str, Any], OutputFormat]:
+                 inputs: dict[str, Any], force: OutputFormat | None = None,
+                 ) -> tuple[type[Signature], list[dict[str, Any]], dict[str, Any], OutputFormat]:
         fmt, response_format = self.plan(lm, lm_kwargs, signature)
+        if force is not None and force != fmt:  # a retry in the other format
+            fmt, response_format = force, None
+            if force == "json" and not streaming.streaming_now() and getattr(lm, "supports_response_schema", False):
+                with contextlib.suppress(schema.SchemaUnavailable):
+                    response_format = schema.response_format(signature)
         processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
         token = _FORMAT.set(fmt)
         try:
@@ -115,6 +121,8 @@ class Adapter(ChatAdapter):
         finally:
             _FORMAT.reset(token)
         kwargs = dict(lm_kwargs)
+        if force is not None and response_format is None:
+            kwargs.pop("response_format", None)
         if response_format is not None:
             kwargs["response_format"] = response_format
         if streaming.streaming_now():
@@ -124,24 +132,28 @@ class Adapter(ChatAdapter):
     # --- the call --------------------------------------------------------------------------------
     def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature], demos: list[dict[str, Any]],
                  inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        call = _Attempts(self, lm, lm_kwargs, signature, demos, inputs)
-        for attempt in self.retry_policy.retrying():
+        run = _Attempts(self, lm, lm_kwargs, signature, demos, inputs)
+        for attempt in self.retry_policy.retrying(_lm_retries(lm)):
             with attempt:
-                call.prepare()  # inside the retry: planning may load the model, which can fail transiently too
-                sent, kwargs = call.next_messages()
-                with _message_call(lm, sent):
-                    return call.parse(lm(messages=sent, **kwargs))
+                # inside the retry: planning may load the model, which can fail transiently too
+                messages, kwargs = run.next_call()
+                with _message_call(lm, messages):
+                    outputs = lm(messages=messages, **kwargs)
+                run.sent(kwargs)
+                return run.parse(outputs)
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     async def acall(self, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature],
                     demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        call = _Attempts(self, lm, lm_kwargs, signature, demos, inputs)
-        async for attempt in self.retry_policy.aretrying():
+        run = _Attempts(self, lm, lm_kwargs, signature, demos, inputs)
+        async for attempt in self.retry_policy.aretrying(_lm_retries(lm)):
             with attempt:
-                await asyncio.to_thread(call.prepare)  # planning may load the model: keep it off the event loop
-                sent, kwargs = call.next_messages()
-                with _message_call(lm, sent):
-                    return call.parse(await lm.acall(messages=sent, **kwargs))
+                # planning may load the model: keep it off the event loop
+                messages, kwargs = await asyncio.to_thread(run.next_call)
+                with _message_call(lm, messages):
+                    outputs = await lm.acall(messages=messages, **kwargs)
+                run.sent(kwargs)
+                return run.parse(outputs)
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     def feedback(self, signature: type[Signature], exc: AdapterParseError, fmt: OutputFormat) -> list[dict[str, Any]]:
@@ -230,4 +242,91 @@ class _Attempts:
             return self.adapter._call_postprocess(processed, self.args[0], outputs, self.lm, self.lm_kwargs)
         except AdapterParseError as exc:
             self.feedback = self.adapter.feedback(processed, exc, fmt)
+            raise
+
+
+def _lm_retries(lm: Any) -> int:
+    """The LM's own retries of transient failures (DSPy's ``num_retries``)."""
+    value = getattr(lm, "num_retries", 0)
+    return value if isinstance(value, int) else 0
+
+
+class _Attempts:
+    """One prediction's LM calls: the first as planned, each retry changed (:func:`retry.next_changes`)."""
+
+    def __init__(self, adapter: Adapter, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature],
+                 demos: list[dict[str, Any]], inputs: dict[str, Any]) -> None:
+        self.adapter, self.lm, self.lm_kwargs = adapter, lm, lm_kwargs
+        self.signature, self.demos, self.inputs = signature, demos, inputs
+        self.prepared: tuple[type[Signature], list[dict[str, Any]], dict[str, Any], OutputFormat] | None = None
+        self.number = 0
+        self.failure: AdapterParseError | None = None
+        self.feedback: list[dict[str, Any]] = []
+        self.overrides: dict[str, Any] = {}
+        self.changes: list[str] = []
+        self.seen: set[str] = set()
+
+    def next_call(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        self.number += 1
+        if self.prepared is None:
+            self.prepared = self.adapter._prepare(self.lm, self.lm_kwargs, self.signature, self.demos, self.inputs)
+        if self.failure is not None:
+            self._change()
+        processed, messages, kwargs, fmt = self.prepared
+        messages, kwargs = messages + self.feedback, {**kwargs, **self.overrides}
+        key = json.dumps([messages, kwargs], sort_keys=True, default=str)
+        if key in self.seen:  # never the same request twice: sample a little instead
+            kwargs["temperature"] = self.overrides["temperature"] = 0.7
+            kwargs["seed"] = self.overrides["seed"] = self.number
+            self.changes.append("temperature=0.7")
+            key = json.dumps([messages, kwargs], sort_keys=True, default=str)
+        self.seen.add(key)
+        return messages, kwargs
+
+    def _change(self) -> None:
+        from velollm.adapters.dspy.retry import next_changes
+
+        assert self.failure is not None and self.prepared is not None
+        processed, _, kwargs, fmt = self.prepared
+        answer = self.failure.lm_response or ""
+        limit = kwargs.get("max_tokens") or getattr(self.lm, "kwargs", {}).get("max_tokens")
+        limit = self.overrides.get("max_tokens", limit)
+        wanted = next_changes(self.number, answer=answer, hit_max_tokens=self._hit_limit(limit), max_tokens=limit,
+                              can_switch_format=not streaming.streaming_now())
+        self.changes = ["error fed back"]
+        if "max_tokens" in wanted:
+            self.overrides["max_tokens"] = wanted["max_tokens"]
+            self.changes.append(f"max_tokens={wanted['max_tokens']}")
+        if "frequency_penalty" in wanted:
+            self.overrides["frequency_penalty"] = wanted["frequency_penalty"]
+            self.changes.append(f"frequency_penalty={wanted['frequency_penalty']}")
+        if wanted.get("switch_format"):
+            other: OutputFormat = "markers" if fmt == "json" else "json"
+            self.prepared = self.adapter._prepare(self.lm, self.lm_kwargs, self.signature, self.demos, self.inputs,
+                                                  force=other)
+            self.changes.append(f"format={other}")
+            fmt = other
+        self.feedback = self.adapter.feedback(processed, self.failure, fmt)
+        self.failure = None
+
+    def _hit_limit(self, limit: Any) -> bool:
+        history = getattr(self.lm, "history", None)
+        if not history or not isinstance(limit, int):
+            return False
+        usage = history[-1].get("usage") or {}
+        return int(usage.get("completion_tokens") or 0) >= limit
+
+    def sent(self, kwargs: dict[str, Any]) -> None:
+        """Note in the LM's history entry what this retry changed."""
+        history = getattr(self.lm, "history", None)
+        if self.number > 1 and history and isinstance(history[-1], dict):
+            history[-1]["velollm_retry"] = {"attempt": self.number, "changes": list(self.changes)}
+
+    def parse(self, outputs: Any) -> list[dict[str, Any]]:
+        assert self.prepared is not None
+        processed = self.prepared[0]
+        try:
+            return self.adapter._call_postprocess(processed, self.signature, outputs, self.lm, self.lm_kwargs)
+        except AdapterParseError as exc:
+            self.failure = exc
             raise

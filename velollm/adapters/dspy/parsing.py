@@ -1,12 +1,15 @@
 """Turn what a (small) model wrote into a signature's typed output fields.
 
-Three strategies, tried in order, each contributing the fields it can type:
+Four strategies, tried in order, each contributing the fields it can type:
 
 1. **markers** — ``[[ ## field ## ]]`` sections, tolerant of the variants small models write
    (``[[## Field ##]]``, ``## field ##``, a colon after the marker, text on the marker's line);
 2. **json** — the first JSON object in the text (inside prose or code fences), repaired with
    ``json_repair`` when truncated or sloppy, its keys matched to the output fields;
-3. **single** — with one output field, the whole text is its value.
+3. **lines** — ``Field: value`` lines (case-insensitive names at the start of a line, ``**bold**``
+   or a list dash allowed), a value running on until the next field line: what models write for
+   backends and servers that cannot constrain;
+4. **single** — with one output field, the whole text is its value.
 
 A field takes the value of the first strategy that yields one that types correctly (DSPy's own
 ``parse_value``), so a marker section holding JSON, or markers for one field and JSON for
@@ -240,7 +243,34 @@ def json_strategy(signature: type[Signature], text: str, report: ParseReport) ->
         report.offer("json", name, value, signature.output_fields[name].annotation)
 
 
-# --- strategy 3: the whole text for a lone field -------------------------------------------------
+# --- strategy 3: "Field: value" lines -------------------------------------------------------------
+_LINE = re.compile(r"^[ \t]*(?:[-*][ \t]+)?[*_`]{0,2}(?P<name>[A-Za-z_][\w \-]{0,60}?)[*_`]{0,2}[ \t]*:[*_`]{0,2}[ \t]*"
+                   r"(?P<value>.*)$", re.MULTILINE)
+
+
+def find_field_lines(text: str, known: set[str]) -> list[tuple[str, str]]:
+    """``(normalized name, value)`` for lines starting ``Name:`` with a known field name; a value
+    runs on over the following lines until the next such line."""
+    matches = [m for m in _LINE.finditer(text) if normalize_name(m.group("name")) in known]
+    sections = []
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        value = (match.group("value") + text[match.end():end]).strip()
+        sections.append((normalize_name(match.group("name")), value))
+    return sections
+
+
+def lines_strategy(signature: type[Signature], text: str, report: ParseReport) -> None:
+    outputs = {normalize_name(n): n for n in signature.output_fields}
+    first: dict[str, str] = {}
+    for name, value in find_field_lines(strip_markers(text, _known(signature)), _known(signature)):
+        if name in outputs and value:
+            first.setdefault(outputs[name], value)
+    for name, value in first.items():
+        report.offer("lines", name, value, signature.output_fields[name].annotation)
+
+
+# --- strategy 4: the whole text for a lone field -------------------------------------------------
 def single_strategy(signature: type[Signature], text: str, report: ParseReport) -> None:
     if len(signature.output_fields) != 1:
         return
@@ -250,7 +280,8 @@ def single_strategy(signature: type[Signature], text: str, report: ParseReport) 
         report.offer("single", name, body, info.annotation)
 
 
-STRATEGIES = (("markers", markers_strategy), ("json", json_strategy), ("single", single_strategy))
+STRATEGIES = (("markers", markers_strategy), ("json", json_strategy), ("lines", lines_strategy),
+              ("single", single_strategy))
 
 
 def parse_completion(signature: type[Signature], text: str) -> dict[str, Any]:
