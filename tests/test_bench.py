@@ -135,3 +135,8 @@ def test_bench_command_writes_the_documented_json(gemma_path: Path, tmp_path: Pa
     BenchReport.model_validate(data)  # and it reads back into the typed report
     printed = capsys.readouterr().out
     assert "speedup (mean over prompts)" in printed and "batch cost" in printed
+    # paired interleaved runs: the per-pair ratio's SE, the total-time speedup and the cost model's verdict
+    summary = data["summary"]
+    assert summary["paired_speedup"]["n"] == 4 and summary["paired_speedup"]["se"] >= 0
+    assert summary["total_speedup"]["value"] > 0 and summary["verdict"]
+    assert "paired interleaved runs" in printed and "total-time speedup" in printed and "verdict:" in printed

@@ -116,7 +116,7 @@ def print_report(report: Any, console: Any) -> None:
                           "accept", "greedy agreement"), table)
     summary = report.summary
     if summary.speedup is not None:
-        console.print(f"speedup, ratio of mean decode tok/s (mean over prompts, propagated σ): {summary.speedup}")
+        console.print(f"speedup (mean over prompts): {summary.speedup} (ratio of mean decode tok/s, propagated σ)")
     if summary.paired_speedup is not None:
         console.print(f"[bold]decode speedup, paired interleaved runs: {summary.paired_speedup}[/bold]")
     if summary.total_speedup is not None:
