@@ -163,7 +163,11 @@ def grammar_shape(gbnf: str) -> tuple[int, int, int]:
 
 def check_grammar(gbnf: Any, *, max_bytes: int = MAX_GRAMMAR_BYTES, max_depth: int = MAX_GRAMMAR_DEPTH,
                   max_rules: int = MAX_GRAMMAR_RULES, max_repeat: int = MAX_GRAMMAR_REPEAT) -> None:
-    """Refuse a GBNF grammar llama.cpp must not see: not text, empty, too large, too deep, bad Unicode."""
+    """Refuse a grammar the parsers must not see: not text, empty, too large, too deep, bad Unicode.
+
+    GBNF (``root ::= ...``) and Lark (``start: ...``, llguidance) both pass; whether the rules make
+    sense is the parser's to say.
+    """
     if not isinstance(gbnf, str):
         raise GrammarError(f"a grammar must be GBNF text, got {type(gbnf).__name__}")
     if not gbnf.strip():
@@ -181,5 +185,3 @@ def check_grammar(gbnf: Any, *, max_bytes: int = MAX_GRAMMAR_BYTES, max_depth: i
         raise GrammarError(f"the grammar has {rules:,} rules; the limit is {max_rules:,}")
     if repeat > max_repeat:
         raise GrammarError(f"the grammar repeats up to {repeat:,} times ({{m,n}}); the limit is {max_repeat:,}")
-    if rules == 0:
-        raise GrammarError("the grammar has no rules: write GBNF like 'root ::= \"yes\" | \"no\"'")
