@@ -6,6 +6,7 @@ Runs on Gemma 3 270M (the smallest model); parity with llama.cpp is in test_nati
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from velollm.engine import Chunk, Engine, GenerationRequest, LoadOptions
 from velollm.errors import (
     ContextOverflow,
     EngineClosed,
+    GrammarError,
     InvalidRequest,
     NotAGGUFFile,
     UnsupportedArchitecture,
@@ -41,7 +43,7 @@ def greedy(prompt: str, **fields: object) -> GenerationRequest:
 
 
 def test_stream_equals_generate_with_usage_and_timings(native: Engine) -> None:
-    assert isinstance(native, Engine) and native.capabilities.logits and not native.capabilities.grammar
+    assert isinstance(native, Engine) and native.capabilities.logits and native.capabilities.grammar
     request = greedy("def add(a, b):", max_tokens=6)
     chunks: list[Chunk] = list(native.stream(request))
     assert all(c.finish_reason is None for c in chunks[:-1])
@@ -98,10 +100,8 @@ def test_seeded_sampling_is_reproducible(native: Engine) -> None:
 
 
 def test_request_errors_are_typed(native: Engine) -> None:
-    with pytest.raises(UnsupportedFeature):
-        native.generate(GenerationRequest(prompt="x", grammar='root ::= "a"'))
-    with pytest.raises(UnsupportedFeature):
-        native.generate(GenerationRequest(prompt="x", json_schema={"type": "object"}))
+    with pytest.raises(GrammarError):
+        native.generate(GenerationRequest(prompt="x", grammar="root ::= ("))
     with pytest.raises(ContextOverflow):
         native.generate(GenerationRequest(prompt="word " * 600, max_tokens=2))
     with pytest.raises(UnsupportedFeature, match="no_such_knob"):  # unknown extras are refused, not dropped
@@ -234,3 +234,14 @@ def test_works_without_llama_cpp(gemma_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("OK")
+
+
+def test_constrained_decoding_on_the_native_engine(native: Engine) -> None:
+    """Grammars and JSON schemas through velollm.constraints, as on the llama.cpp backend."""
+    yes_no = native.generate(greedy("Is the sky blue? Answer:", grammar='root ::= " yes" | " no"', max_tokens=4))
+    assert yes_no.text in (" yes", " no")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    person = native.generate(greedy("A person as JSON: ", json_schema=schema, max_tokens=24))
+    data = json.loads(person.text)  # always complete: the budget closes the object within max_tokens
+    assert set(data) == {"name", "age"} and isinstance(data["age"], int) and person.usage.completion_tokens <= 24

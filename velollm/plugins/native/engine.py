@@ -109,14 +109,16 @@ class NativeEngine:
         self.name = info.path.stem
         self.backend = backend
         self.model_path = info.path
-        self.capabilities = Capabilities(chat=True, streaming=True, grammar=False, json_schema=False,
+        # constrained decoding through velollm.constraints (llguidance), as on the llama.cpp backend
+        self.capabilities = Capabilities(chat=True, streaming=True, grammar=True, json_schema=True,
                                          tokenize=True, logits=True)
+        self._constraints: Any = None  # velollm.constraints.ConstraintCache, made on the first constrained request
         self._mutex = threading.Lock()
         self._owner: int | None = None
         self._closed = False
         self._last_eog = False
         self._reused = 0
-        self.request_extras: frozenset[str] = frozenset()
+        self.request_extras: frozenset[str] = frozenset({"guards"})  # guards: False turns budgets/loop closing off
         quantised = [f"{name}={value}" for name, value in (("type_k", options.type_k), ("type_v", options.type_v))
                      if value not in ("f16", "f32")]
         if quantised:
@@ -261,9 +263,6 @@ class NativeEngine:
         self._ensure_open()
         if self._owner == threading.get_ident():
             raise InvalidRequest("this thread is already generating on this engine (an unfinished stream?)")
-        if request.grammar is not None or request.json_schema is not None:
-            raise UnsupportedFeature("the native backend has no constrained decoding (grammar / json_schema); "
-                                     "use a llamacpp backend for those requests")
         check_request_extras(self, request)
         params = SamplingParams.from_request(request)
         prompt = self.prompt_tokens(request)
@@ -272,13 +271,37 @@ class NativeEngine:
         if len(prompt) >= self.context_length:
             raise ContextOverflow(
                 f"the prompt has {len(prompt)} tokens; the context window holds {self.context_length}")
-        return self._run(request, prompt, params)
+        state = self.constraint_state(request, len(prompt))  # a bad grammar fails here, before the lock
+        return self._run(request, prompt, params, state)
 
-    def _run(self, request: GenerationRequest, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
+    def constraint_cache(self) -> Any:
+        """Compiled constraints of this model (:mod:`velollm.constraints`; the vocabulary is read once)."""
+        from velollm.constraints import ConstraintCache, from_pieces
+
+        if self._constraints is None:
+            vocab, tok = self.vocab, self.tokenizer
+            pieces = [tok.piece(i, special=True) for i in range(vocab.size)]
+            eos = sorted(vocab.eog_ids) or ([vocab.eos_id] if vocab.eos_id is not None else [])
+            self._constraints = ConstraintCache(from_pieces(
+                pieces, eos, lambda b: tok.encode(b.decode("utf-8", "replace"), add_special=False),
+                special=vocab.special_ids))
+        return self._constraints
+
+    def constraint_state(self, request: GenerationRequest, n_prompt: int) -> Any:
+        """A :class:`velollm.constraints.ConstraintState` for the request (None when unconstrained)."""
+        if request.json_schema is None and request.grammar is None:
+            return None
+        budget = self.context_length - n_prompt
+        guards = request.extra.get("guards", True) is not False
+        factory = self.constraint_cache().get(json_schema=request.json_schema, grammar=request.grammar)
+        return factory.start(min(request.max_tokens or budget, budget) if guards else None, loops=guards)
+
+    def _run(self, request: GenerationRequest, prompt: list[int], params: SamplingParams,
+             state: Any = None) -> Iterator[Chunk]:
         with self._mutex:
             self._owner = threading.get_ident()
             try:
-                yield from self._decode(request, prompt, params)
+                yield from self._decode(request, prompt, params, state)
             finally:
                 self._owner = None
 
@@ -298,20 +321,24 @@ class NativeEngine:
         return logits[-1], reuse
 
     def _tokens(self, prompt: list[int], sampler: Sampler, max_new: int,
-                on_logits: Callable[[np.ndarray, int], None] | None = None) -> Iterator[int]:
+                on_logits: Callable[[np.ndarray, int], None] | None = None, state: Any = None) -> Iterator[int]:
         """Sampled token ids after ``prompt``, up to ``max_new``; stops before an end-of-generation
         token. The cache is reset if anything goes wrong, so a failed step never poisons the next.
         ``on_logits(row, token)`` sees the logits each token was sampled from (log-probabilities)."""
         try:
             logits, self._reused = self._prefill(prompt)
             for n in range(max_new):
-                token = sampler.sample(logits)
+                token = sampler.sample(logits) if state is None else _constrained_sample(state, sampler, logits)
+                if state is not None:
+                    state.advance(token)
                 if self.vocab.is_eog(token):
                     self._last_eog = True
                     return
                 if on_logits is not None:
                     on_logits(logits, token)
                 yield token
+                if state is not None and state.done:
+                    return
                 if n + 1 < max_new:
                     self._ensure_open()
                     with _blas_threads(self.threads):
@@ -336,7 +363,8 @@ class NativeEngine:
             self._last_eog = False
             return list(self._tokens(list(prompt), Sampler(params), budget))
 
-    def _decode(self, request: GenerationRequest, prompt: list[int], params: SamplingParams) -> Iterator[Chunk]:
+    def _decode(self, request: GenerationRequest, prompt: list[int], params: SamplingParams,
+                state: Any = None) -> Iterator[Chunk]:
         self._ensure_open()
         start = time.perf_counter()
         first: float | None = None
@@ -346,7 +374,8 @@ class NativeEngine:
         n_out, finish = 0, "length"
         self._last_eog, self._reused = False, 0
         logprobs = recorder_for(request, self.tokenizer.piece)
-        tokens = self._tokens(prompt, Sampler(params), max_new, None if logprobs is None else logprobs.on_logits)
+        tokens = self._tokens(prompt, Sampler(params), max_new, None if logprobs is None else logprobs.on_logits,
+                              state)
         try:
             for token in tokens:
                 if first is None:
@@ -390,6 +419,16 @@ class NativeEngine:
 
     def __repr__(self) -> str:
         return f"<NativeEngine {self.name} on {self.backend}>"
+
+
+def _constrained_sample(state: Any, sampler: Sampler, logits: np.ndarray) -> int:
+    """Check the sampler's token against the constraint; sample again from the masked row when refused."""
+    token = sampler.sample(logits)
+    if state.allows(token):
+        return token
+    masked = np.array(logits, dtype=np.float32, copy=True)
+    state.mask(masked)
+    return sampler.sample(masked)
 
 
 def open_engine(model_file: Path, options: LoadOptions, backend: str = "native-cpu") -> NativeEngine:
