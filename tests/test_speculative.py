@@ -122,3 +122,21 @@ def test_gemma_cannot_draft_for_qwen(qwen_path: Path, gemma_path: Path) -> None:
     message = str(info.value)
     assert "gemma-3-270m" in message and "cannot draft for" in message
     assert "vocabulary size" in message and "tokenizer type" in message
+
+
+def test_a_constraint_verifies_drafts_and_drafts_its_forced_tokens(spec_engine: Engine) -> None:
+    """Under a JSON schema, speculation gives the constrained non-speculative output, and the keys
+    and punctuation the schema forces are drafted for free (source "forced")."""
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"function_name": {"type": "string"}, "new_name": {"type": "string"},
+                             "arguments": {"type": "array", "items": {"type": "string"}}},
+              "required": ["function_name", "new_name", "arguments"]}
+    ask = [{"role": "user", "content": "From this code, extract the function's name, the name it should get "
+                                       "(invoice_total) and its arguments, as JSON.\n\n" + CODE}]
+    plain = spec_engine.generate(req(messages=ask, json_schema=schema, max_tokens=60, extra={"speculative": "off"}))
+    for mode in ("lookup", "draft"):
+        spec = spec_engine.generate(req(messages=ask, json_schema=schema, max_tokens=60, extra={"speculative": mode}))
+        assert spec.text == plain.text, mode
+        forced = spec.timings.extra["by_source"].get("forced", {})
+        assert forced.get("accepted", 0) > 0, spec.timings.extra["by_source"]
+    assert json.loads(plain.text)["arguments"]

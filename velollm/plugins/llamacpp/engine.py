@@ -429,11 +429,18 @@ class LlamaCppEngine:
     def _speculative_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: Any, seed: int,
                             max_new: int) -> Iterator[list[int]]:
         """Verified groups from the speculator (:mod:`velollm.plugins.llamacpp.speculative`)."""
-        from velollm.plugins.llamacpp.speculative.speculator import ChainPicker, GreedyPicker
+        from velollm.plugins.llamacpp.speculative.speculator import ChainPicker, ConstraintPicker, GreedyPicker
 
         spec = self._speculator
-        if grammar is None and is_greedy(request):
-            pick: Any = GreedyPicker(spec.runner)
+        try:  # a constraint verifies drafts and drafts the tokens it forces (velollm.constraints)
+            state = None if grammar is None else self.constraint_state(request, max_new)
+        except GrammarError:
+            state = None
+        if state is not None:
+            chain = None if is_greedy(request) else self.sampler_for(request, seed)
+            pick: Any = ConstraintPicker(spec.runner, state, chain)
+        elif grammar is None and is_greedy(request):
+            pick = GreedyPicker(spec.runner)
         else:
             pick = ChainPicker(spec.runner, self.sampler_for(request, seed, grammar))
         return spec.run(prompt, pick, mode, max_new, self.is_end_of_generation)

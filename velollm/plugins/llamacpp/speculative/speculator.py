@@ -32,7 +32,7 @@ from velollm.plugins.llamacpp.speculative.lookup import PromptLookup
 
 Mode = Literal["auto", "draft", "lookup", "off"]
 MODES: tuple[str, ...] = ("auto", "draft", "lookup", "off")
-Source = Literal["plain", "lookup", "draft"]
+Source = Literal["plain", "lookup", "draft", "forced"]
 
 #: a drafter is used in "auto" only when its expected rate beats plain decoding by this factor
 MIN_GAIN = 1.05
@@ -132,6 +132,27 @@ class ChainPicker:
 
     def __call__(self, i: int) -> int:
         return int(self._sample(self._ptr, self._ctx, i))
+
+
+class ConstraintPicker:
+    """The target's choice under a constraint (velollm.constraints): argmax or the request's chain,
+    checked against the constraint, which advances with every picked token. Only picked tokens are
+    output, so a rejected draft never touches the constraint's state. ``forced(limit)``: the tokens
+    the grammar forces next (JSON keys, punctuation), drafted for free and verified like any draft."""
+
+    def __init__(self, runner: LlamaRunner, state: Any, chain: Any = None) -> None:
+        self.runner, self.state, self.chain = runner, state, chain
+        self._buf: dict[str, Any] = {}
+
+    def __call__(self, i: int) -> int:
+        from velollm.plugins.llamacpp.grammar import constrained_pick
+
+        token = constrained_pick(self.state, self.runner.logits(i), self.chain, self._buf)
+        self.state.advance(token)
+        return token
+
+    def forced(self, limit: int) -> list[int]:
+        return [] if self.state.done or limit <= 0 else self.state.forced()[:limit]
 
 
 class Speculator:
@@ -237,7 +258,11 @@ class Speculator:
                     proposal, ngram = lookup.propose(self.max_gamma)
                     if proposal:
                         pending.append(_Pending(len(seq), proposal, ngram))
-                source, choice, draft = self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
+                forced = pick.forced(cap) if isinstance(pick, ConstraintPicker) else []
+                if forced:  # the constraint dictates these: a free draft, verified like any other
+                    source, choice, draft = "forced", PLAIN, forced
+                else:
+                    source, choice, draft = self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
                 n_past = len(runner.kv)
                 batch = [seq[-1], *draft]
                 elapsed = runner.feed(batch, all_logits=bool(draft))
