@@ -275,8 +275,9 @@ class ConstraintState:
             if self.close_string:
                 choice = ok & self.vocab.quote_first
                 ok = choice if choice.any() else ok
-            elif self.close_depth and not self.closing:
-                choice = ok & self.vocab.brackets
+            elif self.close_depth and not self.closing:  # out of a looping array: end the string, then it
+                inside = self.cursor is not None and self.cursor.in_value_string
+                choice = ok & (self.vocab.quote_first if inside else self.vocab.brackets)
                 ok = choice if choice.any() else ok
             if self.closing:
                 ok = self._closing_choice(ok)
