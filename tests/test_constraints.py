@@ -163,3 +163,16 @@ def test_a_looping_string_is_closed_early(qwen_engine: Engine) -> None:
     data = json.loads(c.text)
     assert repeats_itself(data["reasoning"], min_count=10)  # it did loop...
     assert c.usage.completion_tokens < 250  # ...and the loop was closed, far before max_tokens
+
+
+# --- unconstrained text stops on the same detector ------------------------------------------------------------
+def test_unconstrained_loops_stop_and_counting_goes_on(gemma_engine: Engine) -> None:
+    def run(prompt: str, **extra: object):
+        gemma_engine.reset_cache()
+        return gemma_engine.generate(GenerationRequest.of(prompt=prompt, temperature=0, max_tokens=240, extra=extra))
+    echo = "echo " * 12
+    stopped, unguarded = run(echo), run(echo, guards=False)
+    assert unguarded.usage.completion_tokens == 240  # without the guard it runs to max_tokens...
+    assert stopped.usage.completion_tokens < 160 and unguarded.text.startswith(stopped.text)  # ...with it, not
+    counting = run(", ".join(str(i) for i in range(1, 21)) + ",")
+    assert counting.usage.completion_tokens == 240  # a count is not a loop

@@ -321,7 +321,8 @@ class NativeEngine:
         return logits[-1], reuse
 
     def _tokens(self, prompt: list[int], sampler: Sampler, max_new: int,
-                on_logits: Callable[[np.ndarray, int], None] | None = None, state: Any = None) -> Iterator[int]:
+                on_logits: Callable[[np.ndarray, int], None] | None = None, state: Any = None,
+                loops: Any = None) -> Iterator[int]:
         """Sampled token ids after ``prompt``, up to ``max_new``; stops before an end-of-generation
         token. The cache is reset if anything goes wrong, so a failed step never poisons the next.
         ``on_logits(row, token)`` sees the logits each token was sampled from (log-probabilities)."""
@@ -338,6 +339,8 @@ class NativeEngine:
                     on_logits(logits, token)
                 yield token
                 if state is not None and state.done:
+                    return
+                if loops is not None and loops.feed(token):  # degenerate repetition: stop (velollm.constraints)
                     return
                 if n + 1 < max_new:
                     self._ensure_open()
@@ -374,8 +377,13 @@ class NativeEngine:
         n_out, finish = 0, "length"
         self._last_eog, self._reused = False, 0
         logprobs = recorder_for(request, self.tokenizer.piece)
+        loops = None
+        if state is None and request.extra.get("guards", True) is not False:
+            from velollm.constraints.loops import LoopDetector, TokenClasses
+
+            loops = LoopDetector(TokenClasses(self.tokenizer.piece))
         tokens = self._tokens(prompt, Sampler(params), max_new, None if logprobs is None else logprobs.on_logits,
-                              state)
+                              state, loops)
         try:
             for token in tokens:
                 if first is None:
