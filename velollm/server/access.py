@@ -98,7 +98,7 @@ class KeyStore:
         self.keys_file = Path(keys_file) if keys_file else None
         self._static = [ApiKey(name="api-key", role="admin", digest=_digest(api_key))] if api_key else []
         self._keys: list[ApiKey] = list(self._static)
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
         if self.keys_file is not None:
             self.reload()
 
@@ -119,7 +119,7 @@ class KeyStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise AuthenticationFailed(f"cannot read the keys file {self.keys_file}: {exc}") from None
         keys = [*self._static, *parse_keys_file(text, str(self.keys_file))]
-        with self._lock:
+        with self._mutex:
             self._keys = keys
         if readable_by_others(self.keys_file):
             server_log.warning("the keys file %s can be read by other users: chmod 600 it", self.keys_file)
@@ -138,7 +138,7 @@ class KeyStore:
         """The key matching ``token``, compared in constant time against every digest."""
         digest = _digest(token)
         found = None
-        with self._lock:
+        with self._mutex:
             keys = self._keys
         for key in keys:
             if hmac.compare_digest(digest, key.digest):
