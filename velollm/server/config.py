@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from velollm.errors import ConfigError, VeloError
+from velollm.errors import ConfigError, InvalidRequest, VeloError
+from velollm.pool.status import parse_keep_alive
 
 #: Model ids and aliases: what clients put in ``"model"`` (no slashes, no spaces).
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -23,8 +24,6 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 KV_CACHE_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
                                   "iq4_nl": 20, "bf16": 30}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 __all__ = ["ConfigError", "ModelConfig", "ServerSection", "TeamConfig", "apply_flags", "check_report", "load_config",
            "make_pool", "parse_duration", "parse_size", "to_server_config"]
@@ -48,17 +47,14 @@ def parse_size(value: int | float | str) -> int:
 
 
 def parse_duration(value: int | float | str | None) -> float | None:
-    """Seconds from a number or an Ollama-style duration ("30s", "5m", "1h", "-1" = forever)."""
+    """Seconds from a number or an Ollama-style duration ("30s", "5m", "1h", "-1" = forever); the pool's parser,
+    with a ValueError for pydantic to report against the config line."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"a duration, not {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (seconds, or like '30s', '5m', '1h', '-1')")
-    return float(match.group(1)) * _SECONDS[match.group(2)]
+    try:
+        return parse_keep_alive(value)
+    except InvalidRequest as exc:
+        raise ValueError(str(exc).replace("keep_alive ", "", 1)) from None
 
 
 class ModelConfig(BaseModel):
