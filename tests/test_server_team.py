@@ -355,7 +355,9 @@ def test_a_user_key_cannot_load_or_unload(team: tuple[Server, Path]) -> None:
 @pytest.mark.slow
 def test_unloading_a_model_in_use_is_refused_until_it_is_idle(team: tuple[Server, Path]) -> None:
     server, _ = team
-    body = {"model": "gemma", "messages": HI, "max_tokens": 400, "stream": True, "grammar": 'root ::= "la " root'}
+    # ("la " | "lo "): llguidance's Earley items grow without bound on 'root ::= "la " root' (ParserTooComplex)
+    body = {"model": "gemma", "messages": HI, "max_tokens": 400, "stream": True,
+            "grammar": 'root ::= ("la " | "lo ") root'}
     unload = server.base_url + "/models/gemma/unload"
     with httpx.stream("POST", server.base_url + "/chat/completions", json=body, headers=_auth(ALICE),
                       timeout=300) as streaming:
