@@ -127,21 +127,26 @@ def parse_json_body(raw: bytes, content_type: str | None = None, *, max_bytes: i
 
 # --- grammars -------------------------------------------------------------------------------------
 def grammar_shape(gbnf: str) -> tuple[int, int, int]:
-    """``(deepest parenthesis nesting, rule definitions, largest {m,n} bound)`` of GBNF text, by one scan.
+    """``(deepest parenthesis nesting, rule definitions, largest {m,n} bound)`` of GBNF (or Lark) text, by one scan.
 
-    Skips string literals, character classes and comments, as llama.cpp's parser does; the text
-    must already be free of lone surrogates.
+    Skips string literals, character classes, Lark's ``/regex/`` and comments, as the parsers do;
+    the text must already be free of lone surrogates.
     """
     depth = deepest = rules = repeat = 0
     i, n = 0, len(gbnf)
     while i < n:
         c = gbnf[i]
-        if c == '"' or c == "[":
-            close = '"' if c == '"' else "]"
+        if c in "\"'[":
+            close = "]" if c == "[" else c
             i += 1
             while i < n and gbnf[i] != close:
                 i += 2 if gbnf[i] == "\\" else 1
-        elif c == "#":
+        elif c == "/" and i + 1 < n and gbnf[i + 1] != "/":  # Lark regex /.../
+            j = i + 1
+            while j < n and gbnf[j] not in "/\n":
+                j += 2 if gbnf[j] == "\\" else 1
+            i = j if j < n and gbnf[j] == "/" else i
+        elif c == "#" or gbnf.startswith("//", i):  # comment to end of line
             while i < n and gbnf[i] not in "\r\n":
                 i += 1
         elif c == "(":

@@ -8,9 +8,9 @@ constrains gets them.
 
 from velollm.constraints.loops import LoopDetector, TokenClasses, find_loop
 from velollm.constraints.state import ConstraintCache, ConstraintFactory, ConstraintState, compile_constraint
-from velollm.constraints.vocab import ConstraintVocab, from_llama, from_pieces
+from velollm.constraints.vocab import ConstraintVocab, from_llama_vocab, from_pieces
 
 __all__ = [
     "ConstraintCache", "ConstraintFactory", "ConstraintState", "ConstraintVocab", "LoopDetector", "TokenClasses",
-    "compile_constraint", "find_loop", "from_llama", "from_pieces",
+    "compile_constraint", "find_loop", "from_llama_vocab", "from_pieces",
 ]

@@ -40,34 +40,10 @@ def json_depth(value: Any) -> int:
 
 
 def grammar_depth(text: str) -> int:
-    """Deepest ``( ... )`` nesting of a GBNF/Lark grammar, skipping quoted literals, classes and comments."""
-    depth = deepest = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c in "\"'":  # literal: skip to the closing quote, honouring escapes
-            i += 1
-            while i < n and text[i] != c:
-                i += 2 if text[i] == "\\" else 1
-        elif c == "[":  # character class
-            i += 1
-            while i < n and text[i] != "]":
-                i += 2 if text[i] == "\\" else 1
-        elif c == "/" and i + 1 < n and text[i + 1] != "/":  # Lark regex /.../
-            j = i + 1
-            while j < n and text[j] not in "/\n":
-                j += 2 if text[j] == "\\" else 1
-            i = j if j < n and text[j] == "/" else i
-        elif c == "#" or text.startswith("//", i):  # comment to end of line
-            while i < n and text[i] != "\n":
-                i += 1
-        elif c == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c == ")":
-            depth -= 1
-        i += 1
-    return deepest
+    """Deepest ``( ... )`` nesting of a GBNF/Lark grammar (:func:`velollm.limits.grammar_shape`'s scan)."""
+    from velollm.limits import grammar_shape
+
+    return grammar_shape(text)[0]
 
 
 def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """A model's vocabulary as the constraint engine sees it: the bytes of every token, end tokens, a tokenizer.
 
-Backend-neutral: the llama.cpp backend builds one from its ``llama_vocab`` (:func:`from_llama`),
+Backend-neutral: the llama.cpp backend builds one from its ``llama_vocab`` (:func:`from_llama_vocab`),
 the native engine from its own tokenizer (:func:`from_pieces`). Building llguidance's token trie
 takes about a second for a 150k vocabulary, so engines keep one per model.
 """
@@ -111,7 +111,7 @@ class ConstraintVocab:
         return len(self.encode(text.encode("utf-8")))
 
 
-def from_llama(vocab: Any) -> ConstraintVocab:
+def from_llama_vocab(vocab: Any) -> ConstraintVocab:
     """The vocabulary of a loaded llama.cpp model (``llama_cpp`` low-level ``llama_vocab`` pointer)."""
     import llama_cpp
 
