@@ -136,9 +136,9 @@ class LlamaCppEngine:
         self._constraints: Any = None  # velollm.constraints.ConstraintCache, made on the first constrained request
         self._speculator: Any = None  # a speculative.Speculator when speculative decoding is configured
         self._runner: Any = None  # velollm.plugins.llamacpp.runner.LlamaRunner, made on the first request
-        self.request_extras = REQUEST_EXTRAS
         self._batch: Any = None  # a batch.BatchDecoder when LoadOptions.parallel > 1 (continuous batching)
         self.max_concurrency = 1  # requests the pool lets in at once (the batch's sequences)
+        self.request_extras = REQUEST_EXTRAS
         bos, eos = self.token_text(llama.token_bos()), self.token_text(llama.token_eos())
         probes = ("<|im_start|>", "<|start_header_id|>", "[INST]")
         self.template = ChatTemplate.for_model(
@@ -153,6 +153,10 @@ class LlamaCppEngine:
         from llama_cpp import Llama
 
         kwargs = load_kwargs(info, options, offload=offload)
+        parallel = options.parallel or 1
+        batched = parallel > 1 and not kwargs.get("embedding")
+        if batched:  # the batch decoder holds the KV cache; the Llama keeps a small context of its own
+            n_ctx, kwargs["n_ctx"] = kwargs["n_ctx"], min(kwargs["n_ctx"], BATCH_LLAMA_CTX)
         if options.speculative is not None or options.draft_model or options.prompt_lookup:
             from velollm.plugins.llamacpp import speculative
 
@@ -161,10 +165,6 @@ class LlamaCppEngine:
             from velollm.plugins.llamacpp import embed as llamacpp_embed
 
             kwargs = llamacpp_embed.load_kwargs(info, kwargs)
-        parallel = options.parallel or 1
-        batched = parallel > 1 and not kwargs.get("embedding")
-        if batched:  # the batch decoder holds the KV cache; the Llama keeps a small context of its own
-            n_ctx, kwargs["n_ctx"] = kwargs["n_ctx"], min(kwargs["n_ctx"], BATCH_LLAMA_CTX)
         try:  # one load at a time, process-wide (llamacpp_log.LOAD_LOCK says why)
             with llamacpp_log.LOAD_LOCK, llamacpp_log.capture() as log:
                 llama = Llama(model_path=str(info.path), **kwargs)
@@ -382,10 +382,10 @@ class LlamaCppEngine:
 
     def constraint_cache(self) -> Any:
         """Compiled constraints of this model (:mod:`velollm.constraints`; the vocabulary is read once)."""
-        from velollm.constraints import ConstraintCache, from_llama
+        from velollm.constraints import ConstraintCache, from_llama_vocab
 
         if self._constraints is None:
-            self._constraints = ConstraintCache(from_llama(self._vocab))
+            self._constraints = ConstraintCache(from_llama_vocab(self._vocab))
         return self._constraints
 
     def constraint_state(self, request: GenerationRequest, max_new: int | None) -> Any:
