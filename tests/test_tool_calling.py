@@ -201,8 +201,9 @@ def test_openai_client_prompts_that_need_none_get_text(client: Any) -> None:
         choice = _ask(client, user(prompt)).choices[0]
         if choice.message.tool_calls:
             called.append(prompt)
-            for call in choice.message.tool_calls:  # a call made anyway is still a valid one
-                assert_valid_call(call.function.name, call.function.arguments)
+            if choice.finish_reason == "tool_calls":  # a call made anyway is still a valid one (unless cut short)
+                for call in choice.message.tool_calls:
+                    assert_valid_call(call.function.name, call.function.arguments)
         else:
             assert choice.finish_reason in ("stop", "length") and choice.message.content.strip()
             texts.append(choice.message.content)
@@ -216,10 +217,12 @@ def test_tool_choice_none_answers_in_text_even_when_a_tool_fits(client: Any) -> 
 
 
 def test_tool_choice_required_calls_even_for_small_talk(client: Any) -> None:
-    choice = _ask(client, user("Write a haiku about the sea."), tool_choice="required").choices[0]
-    assert choice.message.tool_calls
-    for call in choice.message.tool_calls:
-        assert_valid_call(call.function.name, call.function.arguments)
+    # one call (parallel_tool_calls off): with several allowed, the 0.5B model may chain calls until max_tokens
+    choice = _ask(client, user("Write a haiku about the sea."), tool_choice="required",
+                  parallel_tool_calls=False).choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert_valid_call(call.function.name, call.function.arguments)
 
 
 def test_named_tool_choice_calls_that_tool_once(client: Any) -> None:
