@@ -87,8 +87,9 @@ def test_builtin_plugins_register_like_any_other() -> None:
     host = Host(entry_points=False, env={})
     assert set(DEFAULT_PLUGINS) <= set(host.plugin_names())
     assert {"llamacpp-cpu", "llamacpp-cuda", "llamacpp-vulkan", "llamacpp-metal"} <= set(host.backends())
-    # remote: first, since its URLs contain "/" that the path source would claim
-    assert [s.name for s in host.model_sources()][:4] == ["remote", "path", "huggingface", "catalog"]
+    # remote: first, since its URLs contain "/" that the path source would claim; the models folder
+    # ($VELOLLM_MODELS_DIR) before the hub and the catalogue, so a local file wins a name
+    assert [s.name for s in host.model_sources()][:5] == ["remote", "path", "folder", "huggingface", "catalog"]
     records = {r.name: r for r in host.plugins()}
     assert records["llamacpp"].builtin and "register_backends" in records["llamacpp"].hooks
     assert "llamacpp-cpu" in records["llamacpp"].backends

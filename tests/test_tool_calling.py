@@ -379,3 +379,17 @@ def test_dspy_signature_with_tools_returns_a_valid_call(qwen_path: Path) -> None
     assert made[0].name == "get_weather" and made[0].args["city"] == "Paris"
     assert made[0].execute(functions=offered) == "sunny in Paris"
     assert lm.history[-1]["outputs"][0]["tool_calls"]  # it came back as a native call, not parsed text
+
+
+@pytest.mark.parametrize("cut", ['{"name": "send_email", "arguments": {"to": "sea", "body": "Today\'s',
+                                 '{"name": "add", "arguments": {"a": 1, "b": [2, 3',
+                                 '{"name": "add", "arguments": {"a":'])
+def test_a_call_cut_short_by_max_tokens_still_parses(cut: str) -> None:
+    from velollm.tools import ToolCallParser
+
+    parser = ToolCallParser()
+    deltas = parser.feed(cut) + parser.finish()
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    arguments = "".join(c["function"].get("arguments", "") for c in calls)
+    assert calls[0]["function"]["name"] in ("send_email", "add")
+    assert isinstance(json.loads(arguments), dict), arguments  # closed: the open string, lists and objects

@@ -274,6 +274,37 @@ _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments
 FENCE = "```json"
 
 
+def closing_suffix(text: str) -> str:
+    """What closes JSON cut off mid-way: the open string (and a dangling escape), a missing value after
+    a key, then every open object and array, innermost first. Empty for complete JSON."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            stack.append("}" if c == "{" else "]")
+        elif c in "}]" and stack:
+            stack.pop()
+    suffix = ""
+    if in_string:
+        suffix = ("\\" if escaped else "") + '"'
+    elif text.rstrip().endswith(":"):
+        suffix = "null"
+    elif text.rstrip().endswith(","):
+        suffix = '"_": null' if stack and stack[-1] == "}" else "null"
+    if not text.strip():
+        return "{}"
+    return suffix + "".join(reversed(stack))
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -345,8 +376,9 @@ class ToolCallParser:
         if complete:
             brace = body.rfind("}")
             arguments = body[:brace].rstrip() if brace >= 0 else ""
-        else:
+        else:  # cut short by max_tokens: close what is open, so the arguments still parse
             arguments = body.rstrip()
+            arguments += closing_suffix(arguments)
         if len(arguments) <= self._sent:
             return []
         delta = arguments[self._sent:]
