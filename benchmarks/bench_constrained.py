@@ -21,9 +21,9 @@ import argparse
 import statistics
 
 from velollm.engine import GenerationRequest, LoadOptions
+from velollm.hardware import default_threads
 from velollm.models import resolve
 from velollm.plugins.llamacpp import LlamaCppBackend
-from velollm.plugins.llamacpp.engine import default_threads
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                            "skills": {"type": "array", "items": {"type": "string"}}},

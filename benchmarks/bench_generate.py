@@ -19,8 +19,9 @@ import sys
 import time
 
 from velollm.engine import GenerationRequest, LoadOptions
+from velollm.hardware import default_threads
 from velollm.models import resolve
-from velollm.plugins.llamacpp import LlamaCppBackend, _default_threads
+from velollm.plugins.llamacpp import LlamaCppBackend
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -66,7 +67,7 @@ def main() -> None:
     import llama_cpp
 
     path = resolve(args.model).path
-    threads = _default_threads()
+    threads = default_threads()
     llama = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=threads, verbose=False)
     engine = LlamaCppBackend("cpu").load(path, LoadOptions(n_ctx=2048, n_threads=threads))
     raw_run(llama, 8), engine_run(engine, 8)  # warm up both

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import velollm
+    from velollm.hardware import default_threads
     from velollm.models import resolve
-    from velollm.plugins.llamacpp.engine import default_threads
 
     n_threads = args.n_threads or default_threads()
     demos, examples = dataset(args.examples)

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from velollm.engine import GenerationRequest, LoadOptions
+from velollm.hardware import default_threads
 from velollm.models import resolve
-from velollm.plugins.llamacpp import LlamaCppBackend, _default_threads, bench
+from velollm.plugins.llamacpp import LlamaCppBackend, bench
 from velollm.plugins.llamacpp.runner import LlamaRunner
 
 INVOICE = '''import logging
@@ -176,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
 
     prompts = [p for p in PROMPTS if args.only is None or p.category == args.only]
-    threads = args.threads or _default_threads()
+    threads = args.threads or default_threads()
     print(f"load average {os.getloadavg()}; {threads} threads")
     engine = LlamaCppBackend("cpu").load(resolve(args.main).path, LoadOptions(
         n_ctx=2048, n_threads=threads, speculative="auto", prompt_lookup=True, draft_model=args.draft))

@@ -94,6 +94,16 @@ def _sysctl(name: str, run: Runner = run_tool) -> str | None:
     return out.strip() if out and out.strip() else None
 
 
+def default_threads() -> int:
+    """Physical cores: llama.cpp's and Ollama's default thread count (hyper-threads only add spin-waiting)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:  # psutil missing or unsupported platform
+        return os.cpu_count() or 1
+
+
 def probe_cpu(notes: list[str], *, run: Runner = run_tool, system: str | None = None, machine: str | None = None,
               cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuInfo:
     system = system or platform.system()

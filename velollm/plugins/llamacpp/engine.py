@@ -37,6 +37,7 @@ from velollm.errors import (
     InvalidRequest,
 )
 from velollm.gguf import info as gguf_info
+from velollm.hardware import default_threads
 from velollm.limits import check_grammar
 from velollm.logprobs import recorder_for
 from velollm.plugins.llamacpp import log as llamacpp_log
@@ -50,17 +51,6 @@ BATCH_LLAMA_CTX = 512
 #: ggml type ids of the KV cache types (``LoadOptions.type_k`` / ``type_v``)
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
-
-def default_threads() -> int:
-    """Physical cores (llama.cpp's and Ollama's default): hyper-threads only add spin-waiting."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or 1
-    except Exception:
-        import os
-
-        return os.cpu_count() or 1
 
 
 def load_kwargs(info: gguf_info.ModelInfo, options: LoadOptions, *, offload: bool) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from velollm.errors import (
     UnknownQuantType,
 )
 from velollm.gguf import info as gguf_info
+from velollm.hardware import default_threads
 
 #: Called with (source bytes processed, source bytes in all) while the quantizer runs.
 Progress = Callable[[int, int], None]
@@ -195,7 +196,7 @@ def quantize(source: str | os.PathLike[str], output: str | os.PathLike[str], typ
     info, qtype, out = check(source, output, type_name, force=force, allow_requantize=allow_requantize)
     if threads is not None and threads < 1:
         raise QuantizeError(f"--threads must be at least 1, got {threads}")
-    n_threads = threads or _default_threads()
+    n_threads = threads or default_threads()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _ftype_value(qtype)
     params.nthread = n_threads
@@ -263,11 +264,3 @@ class _ProgressWatcher(threading.Thread):
             if stop:
                 return
 
-
-def _default_threads() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except Exception:
-        return os.cpu_count() or 1

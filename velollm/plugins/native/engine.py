@@ -54,6 +54,7 @@ from velollm.errors import (
 )
 from velollm.gguf import info as gguf_info
 from velollm.gguf.header import HeaderError, read_header
+from velollm.hardware import default_threads
 from velollm.logprobs import recorder_for
 from velollm.plugins.native.model import KVCache, ModelConfig, Transformer
 from velollm.plugins.native.numerics import MODES, Numerics
@@ -80,15 +81,6 @@ def _blas_threads(n: int) -> contextlib.AbstractContextManager[Any]:
         return _controller.limit(limits=n, user_api="blas")
     except Exception:  # threadpoolctl missing or unable to see the BLAS: run with its defaults
         return contextlib.nullcontext()
-
-
-def default_threads() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or 1
-    except Exception:
-        return os.cpu_count() or 1
 
 
 def _available_memory() -> int:
