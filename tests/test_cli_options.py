@@ -113,6 +113,9 @@ def test_serve_flags_become_every_models_load_options(gemma_path: Path, monkeypa
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     assert cli.main(["serve", "-m", "gemma3-270m", "--ctx-size", "256", "-t", "1", "-ngl", "0"]) == 0
     assert seen["config"].model_options["gemma3-270m"] == {"n_ctx": 256, "n_threads": 1, "n_gpu_layers": 0}
+    # -c is the context size, as in llama.cpp's server and velollm generate/chat (the config file is --config)
+    assert cli.main(["serve", "-m", "gemma3-270m", "-c", "1234"]) == 0
+    assert seen["config"].model_options["gemma3-270m"] == {"n_ctx": 1234}
 
 
 def test_bench_short_flags(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,7 +33,7 @@ def serve(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="REF or ID=REF to serve (repeatable). Default: every pulled catalogue model.")] = None,
     config_file: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="Server config (TOML or YAML): per-model settings, keys, CORS, limits. "
+        "--config", help="Server config (TOML or YAML): per-model settings, keys, CORS, limits. "
         "Flags override it.")] = None,
     check: Annotated[bool, typer.Option(
         "--check", help="Validate the config and print every model's placement; load nothing.")] = False,
@@ -47,8 +47,8 @@ def serve(
     ] = None,
     cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", help="A browser origin allowed to call the server (repeatable; '*' for any).")] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx", "--ctx-size", help="Context window for loaded models "
-                                            "(-c is --config here).")] = None,
+    ctx: Annotated[int | None, typer.Option("-c", "--ctx", "--ctx-size", help="Context window in tokens for "
+                                            "every served model (as llama.cpp's server).")] = None,
     threads: Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads per model.")] = None,
     n_gpu_layers: Annotated[int | None, typer.Option(
         "-ngl", "--n-gpu-layers", help="Layers each model offloads to the GPU (-1: all; default: placement).")] = None,
