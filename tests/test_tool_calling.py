@@ -8,6 +8,7 @@ model picks, and whether it answers in text under ``auto``, is the model's own c
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -162,6 +163,153 @@ def test_tools_with_a_response_format_are_refused() -> None:
         tools.request_fields({"tools": TOOLS, "response_format": {"type": "json_object"}})
 
 
+# --- after a tool's result: the answered calls, tool_choice "none" and the loop guard ----------------------
+def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+STOCK_RESULT = json.dumps({"ticker": "AAPL", "price": 187.23})
+STOCK_HISTORY = [*user("What is the current stock price of AAPL?"),
+                 {"role": "assistant", "content": None,
+                  "tool_calls": [_call("call_1", "get_stock_price", '{"ticker": "AAPL"}')]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": STOCK_RESULT}]
+
+
+def test_answered_calls_pair_calls_with_results_by_id() -> None:
+    history = [*user("add things"),
+               {"role": "assistant", "content": "", "tool_calls": [_call("c1", "add", '{"a": 1, "b": 2}'),
+                                                                   _call("c2", "add", '{"a": 5, "b": 6}')]},
+               {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    answered = tools.answered_calls(history)
+    assert answered == [("add", {"a": 1, "b": 2})]  # c2 has no result: not answered
+    same = '<tool_call>\n{"name": "add", "arguments": {"b":2,   "a": 1}}\n</tool_call>'
+    assert tools.repeats_answered(same, answered)  # key order and spacing do not matter
+    assert tools.repeats_answered('{"name": "add", "arguments": {"a": 1, "b": 2}}', answered)  # a bare call too
+    assert not tools.repeats_answered('{"name": "add", "arguments": {"a": 1, "b": 3}}', answered)  # other arguments
+    assert not tools.repeats_answered('{"name": "add", "arguments": {"a": 5, "b": 6}}', answered)  # the open call
+    assert not tools.repeats_answered(same + '\n<tool_call>\n{"name": "add", "arguments": {"a": 7, "b": 8}}\n'
+                                      "</tool_call>", answered)  # one new call among them: not a loop
+    assert not tools.repeats_answered("The sum is 3.", answered)
+    assert tools.answered_calls(history[:2]) == []
+    # a result without an id answers the oldest open call
+    assert tools.answered_calls([*history[:2], {"role": "tool", "content": "3"}]) == [("add", {"a": 1, "b": 2})]
+
+
+def test_tool_choice_none_after_calls_is_constrained_to_text() -> None:
+    fields, choice = tools.request_fields({"tools": TOOLS, "tool_choice": "none", "messages": STOCK_HISTORY})
+    assert choice.mode == "none" and fields == {"grammar": tools.TEXT_GRAMMAR}
+    assert tools.text_grammar() == tools.TEXT_GRAMMAR
+    # no call history, or a format of the caller's own: free text as before
+    assert tools.request_fields({"tools": TOOLS, "tool_choice": "none", "messages": STOCK_HISTORY[:1]})[0] == {}
+    assert tools.request_fields({"tools": TOOLS, "tool_choice": "none", "messages": STOCK_HISTORY,
+                                 "response_format": {"type": "json_object"}})[0] == {}
+    assert tools.request_fields({"tool_choice": "none", "messages": STOCK_HISTORY})[0] == {}  # no tools given
+    # the same text rules end the auto grammar (written once)
+    auto = tools.tool_grammar(tools.parse_tools(TOOLS), tools.ToolChoice("auto"))
+    assert all(line in auto.splitlines() for line in tools.TEXT_GRAMMAR.splitlines()[1:])
+
+
+def test_velollm_lm_requests_get_the_same_none_rule() -> None:
+    from dspy import lm15
+
+    from velollm.adapters.dspy.lm15 import to_generation_request
+
+    tool = lm15.FunctionTool(name="get_stock_price", description="price", parameters=PARAMETERS["get_stock_price"])
+    messages = (lm15.Message.user("What is the current stock price of AAPL?"),
+                lm15.Message.assistant([lm15.ToolCallPart(id="c1", name="get_stock_price", input={"ticker": "AAPL"})]),
+                lm15.Message.tool({"c1": STOCK_RESULT}))
+
+    def request(**config: Any) -> Any:
+        return to_generation_request(lm15.Request(model="velollm/x", messages=messages, tools=(tool,),
+                                                  config=lm15.Config(tool_choice=lm15.ToolChoice("none"), **config)))
+
+    assert request().grammar == tools.TEXT_GRAMMAR and request().tools is None
+    formatted = request(response_format={"type": "json_object"})  # the caller's format still applies
+    assert formatted.grammar is None and formatted.json_schema == {"type": "object"}
+
+
+class _ScriptedEngine:
+    """Answers each request with the next scripted text (as one chunk per character when streamed)."""
+
+    def __init__(self, *texts: str) -> None:
+        from velollm.engine import Capabilities
+
+        self.texts, self.requests, self.closed, self.streams = list(texts), [], 0, []
+        self.capabilities = Capabilities(grammar=True, tools=True)
+
+    def generate(self, request: Any) -> Any:
+        from velollm.engine import Completion, Usage
+
+        self.requests.append(request)
+        text = self.texts.pop(0)
+        return Completion(text=text, finish_reason="stop", usage=Usage(prompt_tokens=9, completion_tokens=len(text)))
+
+    def stream(self, request: Any) -> Iterator[Any]:
+        from velollm.engine import Chunk, Timings, Usage
+
+        self.requests.append(request)
+        text = self.texts.pop(0)
+
+        def chunks() -> Iterator[Any]:
+            try:
+                for c in text:
+                    yield Chunk(text=c)
+                yield Chunk(finish_reason="stop", usage=Usage(prompt_tokens=9, completion_tokens=len(text)),
+                            timings=Timings())
+            finally:
+                self.closed += 1
+
+        self.streams.append(chunks())
+        return self.streams[-1]
+
+
+REPEAT = '{"name": "get_stock_price", "arguments": {"ticker":"AAPL"}}'
+ANSWER = "AAPL is at 187.23."
+
+
+def _parsed(choice: str, messages: list[dict[str, Any]] = STOCK_HISTORY) -> Any:
+    from velollm import openai_wire
+
+    return openai_wire.parse_chat({"messages": messages, "tools": TOOLS, "tool_choice": choice}).request
+
+
+def test_the_loop_guard_answers_in_text_when_a_call_repeats() -> None:
+    engine = _ScriptedEngine(REPEAT, ANSWER)
+    completion = tools.guarded_generate(engine, _parsed("auto"))  # type: ignore[arg-type]
+    assert completion.text == ANSWER
+    assert completion.timings.extra["tool_loop_guard"] == {"discarded_tokens": len(REPEAT)}
+    again = engine.requests[1]
+    assert again.tools is None and again.grammar == tools.TEXT_GRAMMAR  # as under tool_choice "none"
+    engine = _ScriptedEngine(REPEAT, ANSWER)
+    chunks = list(tools.guarded_stream(engine, _parsed("auto")))  # type: ignore[arg-type]
+    assert "".join(c.text for c in chunks) == ANSWER and engine.closed == 2
+    assert chunks[-1].timings.extra["tool_loop_guard"] == {"discarded_tokens": len(REPEAT)}
+
+
+@pytest.mark.parametrize(("choice", "messages", "text"), [
+    ("auto", STOCK_HISTORY, '{"name": "get_stock_price", "arguments": {"ticker": "MSFT"}}'),  # a new call
+    ("auto", STOCK_HISTORY, ANSWER),  # text
+    ("required", STOCK_HISTORY, REPEAT),  # only auto is guarded
+    ("auto", STOCK_HISTORY[:2], REPEAT),  # the call has no result yet
+])
+def test_the_loop_guard_leaves_other_answers_alone(choice: str, messages: list[dict[str, Any]], text: str) -> None:
+    engine = _ScriptedEngine(text, text)
+    assert tools.guarded_generate(engine, _parsed(choice, messages)).text == text  # type: ignore[arg-type]
+    streamed = list(tools.guarded_stream(engine, _parsed(choice, messages)))  # type: ignore[arg-type]
+    assert "".join(c.text for c in streamed) == text and len(engine.requests) == 2
+
+
+def test_a_text_answer_streams_without_waiting_for_the_end() -> None:
+    engine = _ScriptedEngine(ANSWER)
+    stream = tools.guarded_stream(engine, _parsed("auto"))  # type: ignore[arg-type]
+    assert next(stream).text == ANSWER[0]  # held back only while the answer could still be a call
+    stream.close()  # type: ignore[attr-defined]
+    assert engine.closed == 1
+    unstarted = tools.guarded_stream(engine := _ScriptedEngine(ANSWER), _parsed("auto"))  # type: ignore[arg-type]
+    unstarted.close()  # type: ignore[attr-defined]
+    assert inspect.getgeneratorstate(engine.streams[0]) == inspect.GEN_CLOSED  # the engine's stream is let go
+
+
 # --- Qwen 0.5B behind a real server, through the OpenAI client ---------------------------------------------
 @pytest.fixture(scope="module")
 def server(qwen_path: Path, qwen15_path: Path) -> Iterator[Any]:
@@ -181,7 +329,8 @@ def client(server: Any) -> Any:
 
 def _ask(client: Any, messages: list[dict[str, Any]], **kw: Any) -> Any:
     kw.setdefault("tools", TOOLS)
-    return client.chat.completions.create(model="qwen", messages=messages, temperature=0, max_tokens=120, **kw)
+    kw.setdefault("max_tokens", 120)
+    return client.chat.completions.create(model="qwen", messages=messages, temperature=0, **kw)
 
 
 def test_openai_client_prompts_that_need_a_tool_get_a_valid_call(client: Any) -> None:
@@ -262,25 +411,51 @@ def test_streamed_tool_calls_reassemble_to_the_same_call(client: Any) -> None:
         assert all(c["id"].startswith("call_") for c in calls.values())
 
 
+def _streamed(chunks: Any) -> tuple[str, dict[int, dict[str, str]], str | None]:
+    """An OpenAI client's stream reassembled: ``(content, calls by index, finish_reason)``."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or ():
+            entry = calls.setdefault(part.index, {"name": "", "arguments": ""})
+            entry["name"] += part.function.name or ""
+            entry["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return content, calls, finish
+
+
 def test_a_tool_result_yields_a_final_answer_that_uses_it(client: Any) -> None:
-    """The agent loop's second step. Both Qwen coders (0.5B and 1.5B) repeat their call when the tools
-    stay offered under ``auto``; the 1.5B, asked for the answer (``tool_choice: "none"``), uses the result."""
+    """The agent loop's second step on the 0.5B: it calls the tool, then answers with the result. Left
+    alone it would make the same call again (under ``auto``) or write it as text (under ``none``); the
+    text grammar after calls and the loop guard leave it the answer."""
     prompt = user("What is the current stock price of AAPL?")
-    first = client.chat.completions.create(model="qwen15", messages=prompt, tools=TOOLS, temperature=0,
-                                           max_tokens=60).choices[0].message
+    first = _ask(client, prompt, max_tokens=60).choices[0].message
     assert first.tool_calls and first.tool_calls[0].function.name == "get_stock_price"
-    call = first.tool_calls[0]
     history = [*prompt, first.model_dump(exclude_none=True),
-               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"ticker": "AAPL", "price": 187.23})}]
-    answer = client.chat.completions.create(model="qwen15", messages=history, tools=TOOLS, tool_choice="none",
+               {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": STOCK_RESULT}]
+    for choice in ("none", "auto"):
+        answer = _ask(client, history, tool_choice=choice, max_tokens=60).choices[0]
+        assert not answer.message.tool_calls, (choice, answer.message.tool_calls)
+        assert answer.finish_reason == "stop"
+        assert "187.23" in answer.message.content, (choice, answer.message.content)
+    content, calls, finish = _streamed(_ask(client, history, tool_choice="auto", max_tokens=60, stream=True))
+    assert not calls and finish == "stop"
+    assert "187.23" in content, content
+
+
+def test_the_15b_uses_a_tool_result_too(client: Any) -> None:
+    answer = client.chat.completions.create(model="qwen15", messages=STOCK_HISTORY, tools=TOOLS, tool_choice="none",
                                             temperature=0, max_tokens=60).choices[0]
     assert not answer.message.tool_calls
     assert "187.23" in answer.message.content, answer.message.content
 
 
 def test_tool_history_is_accepted_on_qwen_05b(client: Any) -> None:
-    """An assistant turn with tool_calls (content null) and a tool result render and generate (the 0.5B
-    model then calls again; see the test above)."""
+    """An assistant turn with tool_calls (content null) and a tool result render and generate (a new call,
+    or text: the loop guard turns a repeated call into text; see the test above)."""
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 17, "b": 25}'}}
     history = [*user("Use the add tool to compute 17 + 25."), {"role": "assistant", "content": None,
                                                                 "tool_calls": [call]},
@@ -325,6 +500,21 @@ def test_litellm_prompts_that_need_none_get_text(litellm_model: str) -> None:
     texts = [litellm.completion(model=litellm_model, messages=user(p), tools=TOOLS, temperature=0, max_tokens=80)
              .choices[0].message for p in NEEDS_NONE]
     assert sum(1 for m in texts if not m.tool_calls and m.content) >= 4, texts
+
+
+def test_litellm_a_tool_result_yields_a_final_answer_that_uses_it(litellm_model: str) -> None:
+    import litellm
+
+    for choice in ("none", "auto"):
+        answer = litellm.completion(model=litellm_model, messages=STOCK_HISTORY, tools=TOOLS, tool_choice=choice,
+                                    temperature=0, max_tokens=60).choices[0]
+        assert not answer.message.tool_calls and answer.finish_reason == "stop", (choice, answer)
+        assert "187.23" in answer.message.content, (choice, answer.message.content)
+    chunks = list(litellm.completion(model=litellm_model, messages=STOCK_HISTORY, tools=TOOLS, tool_choice="auto",
+                                     temperature=0, max_tokens=60, stream=True))
+    built = litellm.stream_chunk_builder(chunks).choices[0]
+    assert not built.message.tool_calls and built.finish_reason == "stop"
+    assert "187.23" in built.message.content, built.message.content
 
 
 def test_litellm_stream_and_named_choice(litellm_model: str) -> None:

@@ -419,7 +419,7 @@ def check_for_engine(request: GenerationRequest, engine: Engine) -> None:
     caps = engine.capabilities
     if request.json_schema is not None and not caps.json_schema:
         raise UnsupportedFeature(f"{engine.name} cannot constrain output to a JSON schema")
-    if request.grammar is not None and not caps.grammar:
+    if request.grammar is not None and not caps.grammar and request.grammar != tools.TEXT_GRAMMAR:  # that one: a help
         raise UnsupportedFeature(f"{engine.name} does not support grammars")
     if request.messages is not None and not caps.chat:
         raise UnsupportedFeature(f"{engine.name} has no chat mode; use a completion with a prompt")

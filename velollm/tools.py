@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from velollm.engine import Chunk, Completion, Engine, GenerationRequest, Timings
 from velollm.errors import GrammarError, InvalidRequest, UnsupportedFeature
 
 OPEN = "<tool_call>"
@@ -140,6 +141,18 @@ def _json_gbnf(schema: Mapping[str, Any], rule: str) -> str:
     return re.sub(r"^root ::=", f"{rule} ::=", gbnf, flags=re.MULTILINE)
 
 
+# text may not start like a call: not '<', '{', whitespace, nor a json code fence
+_TEXT_RULES = (
+    r'tc-text ::= [^<{`\x00 \t\r\n] tc-any | "`" [^`\x00] tc-any | "``" [^`\x00] tc-any | "```" tc-lang',
+    r'tc-lang ::= [^j\x00] tc-any | "j" [^s\x00] tc-any | "js" [^o\x00] tc-any | "jso" [^n\x00] tc-any',
+    r"tc-any ::= [^\x00]*",
+)
+#: The root of an ``auto`` grammar: how the loop guard tells ``auto`` from the other choices on a request.
+_AUTO_ROOT = "root ::= tc-calls | tc-json | tc-fenced | tc-text"
+#: See :func:`text_grammar`.
+TEXT_GRAMMAR = "\n".join(("root ::= tc-text", *_TEXT_RULES))
+
+
 def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, *, parallel: bool = True) -> str | None:
     """The GBNF grammar that makes an answer obey ``choice`` (``None`` for ``none``: free text).
 
@@ -155,30 +168,42 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, *, para
     many = parallel and choice.mode != "named"
     calls = f'tc-call ("\\n" tc-call){{0,{MAX_PARALLEL_CALLS - 1}}}' if many else "tc-call"
     lines = [
-        "root ::= tc-calls" + (" | tc-json | tc-fenced | tc-text" if choice.mode == "auto" else ""),
+        _AUTO_ROOT if choice.mode == "auto" else "root ::= tc-calls",
         f"tc-calls ::= {calls}",
         'tc-call ::= "<tool_call>\\n" tc-json "\\n</tool_call>"',
         'tc-fenced ::= "```json\\n" tc-json "```"',
-        # text may not start like a call: not '<', '{', whitespace, nor a json code fence
-        r'tc-text ::= [^<{`\x00 \t\r\n] tc-any | "`" [^`\x00] tc-any | "``" [^`\x00] tc-any | "```" tc-lang',
-        r'tc-lang ::= [^j\x00] tc-any | "j" [^s\x00] tc-any | "js" [^o\x00] tc-any | "jso" [^n\x00] tc-any',
-        r"tc-any ::= [^\x00]*",
+        *_TEXT_RULES,
     ]
     return "\n".join(lines) + "\n" + _json_gbnf(schema, "tc-json")
+
+
+def text_grammar() -> str:
+    """Plain text that cannot start like a call: the answer once the tools have done their part.
+
+    Small models (Qwen2.5-Coder 0.5B) write the call they made before again as text even with the
+    tools out of the prompt; this grammar leaves them only the answer (``tool_choice: "none"`` after
+    tool calls, and the loop guard)."""
+    return TEXT_GRAMMAR
 
 
 def request_fields(params: Mapping[str, Any]) -> tuple[dict[str, Any], ToolChoice]:
     """``GenerationRequest`` fields for an OpenAI body's ``tools``/``tool_choice``/``parallel_tool_calls``.
 
     Returns ``({"tools": ..., "grammar": ...}, choice)``; both fields are absent when no tool is in
-    play. ``tool_choice: "none"`` keeps the tools out of the prompt too, so the model answers in text.
+    play. ``tool_choice: "none"`` keeps the tools out of the prompt too, so the model answers in text;
+    when the tools were given and ``messages`` hold calls or results, that text is constrained by
+    :func:`text_grammar` (unless a ``response_format`` or ``grammar`` says otherwise).
     """
     raw = params.get("tools")
     tools = parse_tools(raw) if raw not in (None, []) else []
     choice = parse_tool_choice(params.get("tool_choice"), tools)
+    formatted = params.get("response_format") not in (None, {"type": "text"}) or params.get("grammar") is not None
     if choice.mode == "none":
+        # after calls, small models write the last call again as text: only an answer may follow
+        if tools and not formatted and has_call_history(params.get("messages")):
+            return {"grammar": TEXT_GRAMMAR}, choice
         return {}, choice
-    if params.get("response_format") not in (None, {"type": "text"}) or params.get("grammar") is not None:
+    if formatted:
         raise UnsupportedFeature("'tools' cannot be combined with 'response_format' or 'grammar' in one request")
     parallel = params.get("parallel_tool_calls")
     grammar = tool_grammar(tools, choice, parallel=parallel is None or bool(parallel))
@@ -462,3 +487,163 @@ def merge_deltas(deltas: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[
 def finish_reason(engine_reason: str, tool_calls: Sequence[Any]) -> str:
     """OpenAI's finish reason: ``tool_calls`` when the answer ended with complete calls."""
     return "tool_calls" if tool_calls and engine_reason == "stop" else engine_reason
+
+
+# --- after the tools answered: call history and the loop guard ------------------------------------
+# Qwen2.5-Coder 0.5B (and the 1.5B), given a tool's result with the tools still offered, makes the same
+# call again, and would for ever in an agent loop. The guard answers in text instead.
+def _get(message: Any, name: str) -> Any:
+    return message.get(name) if isinstance(message, Mapping) else getattr(message, name, None)
+
+
+def has_call_history(messages: Any) -> bool:
+    """Whether chat ``messages`` (OpenAI dicts or :class:`~velollm.engine.ChatMessage`) hold tool calls or
+    tool results."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return False
+    return any(_get(m, "tool_calls") or _get(m, "role") == "tool" for m in messages)
+
+
+_UNPARSED = object()
+
+
+def _parsed_arguments(arguments: Any) -> Any:
+    """A call's arguments as parsed JSON (text or already an object); ``_UNPARSED`` when not JSON."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return _UNPARSED
+    return {} if arguments is None else arguments
+
+
+def answered_calls(messages: Any) -> list[tuple[str, Any]]:
+    """``(name, parsed arguments)`` of each call in a chat history that has its result: an assistant
+    ``tool_call`` whose id a later ``role: "tool"`` message answers (a result without an id answers the
+    oldest call still open, the order chat templates pair them in)."""
+    open_calls: dict[str, tuple[str, Any]] = {}  # id -> call, oldest first
+    answered: list[tuple[str, Any]] = []
+    for message in messages or ():
+        for call in _get(message, "tool_calls") or ():
+            function = call.get("function") or {}
+            call_id = str(call.get("id") or new_call_id())
+            open_calls[call_id] = (str(function.get("name")), _parsed_arguments(function.get("arguments")))
+        if _get(message, "role") == "tool":
+            call_id = _get(message, "tool_call_id")
+            if call_id is None and open_calls:
+                call_id = next(iter(open_calls))
+            if call_id in open_calls:
+                answered.append(open_calls.pop(call_id))
+    return [call for call in answered if call[1] is not _UNPARSED]
+
+
+def repeats_answered(text: str, answered: Sequence[tuple[str, Any]]) -> bool:
+    """Whether a model's answer is calls only, each one (same name, same arguments as parsed JSON) a call
+    the history already answered. Text, no calls or one new call: ``False``."""
+    _, calls = parse_output(text)
+    if not calls or not answered:
+        return False
+    for call in calls:
+        arguments = _parsed_arguments(call["function"]["arguments"])
+        if arguments is _UNPARSED or (call["function"]["name"], arguments) not in answered:
+            return False
+    return True
+
+
+def _guarded_calls(request: GenerationRequest) -> list[tuple[str, Any]]:
+    """The answered calls the guard compares an answer with; empty when it cannot fire (tool_choice other
+    than ``auto``, which is the grammar's root, or no answered call)."""
+    if not request.tools or not request.messages or not (request.grammar or "").startswith(_AUTO_ROOT + "\n"):
+        return []
+    return answered_calls(request.messages)
+
+
+def answer_request(request: GenerationRequest) -> GenerationRequest:
+    """``request`` as under ``tool_choice: "none"`` after calls: no tools in the prompt, text that cannot
+    start like a call."""
+    return request.model_copy(update={"tools": None, "grammar": TEXT_GRAMMAR})
+
+
+def _fit(engine: Engine, request: GenerationRequest) -> GenerationRequest:
+    """The text grammar is a help, not a demand: an engine without grammars answers freely."""
+    if request.grammar == TEXT_GRAMMAR and not engine.capabilities.grammar:
+        return request.model_copy(update={"grammar": None})
+    return request
+
+
+def _noted(timings: Timings | None, discarded_tokens: int) -> Timings:
+    out = (timings or Timings()).model_copy(deep=True)
+    out.extra["tool_loop_guard"] = {"discarded_tokens": discarded_tokens}
+    return out
+
+
+def guarded_generate(engine: Engine, request: GenerationRequest) -> Completion:
+    """``engine.generate`` with the loop guard: under ``auto``, an answer that only repeats answered calls
+    is generated again as text (:func:`answer_request`); ``timings.extra["tool_loop_guard"]`` says so."""
+    request = _fit(engine, request)
+    completion = engine.generate(request)
+    answered = _guarded_calls(request)
+    if not answered or not repeats_answered(completion.text, answered):
+        return completion
+    answer = engine.generate(answer_request(request))
+    answer.timings = _noted(answer.timings, completion.usage.completion_tokens)
+    return answer
+
+
+def guarded_stream(engine: Engine, request: GenerationRequest) -> Iterator[Chunk]:
+    """``engine.stream`` with the loop guard. The stream opens now (a bad request fails before any chunk);
+    chunks are held back only while the guard can fire and the answer is a call, else they flow as made."""
+    request = _fit(engine, request)
+    chunks = engine.stream(request)
+    answered = _guarded_calls(request)
+    return _GuardedChunks(engine, request, chunks, answered) if answered else chunks
+
+
+def _close(chunks: Iterator[Chunk]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+class _GuardedChunks:
+    """The guarded stream; ``close()`` closes the engine stream open at the time, even before the first
+    chunk (a generator never started would skip its ``finally``)."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, chunks: Iterator[Chunk],
+                 answered: list[tuple[str, Any]]) -> None:
+        self._engine, self._request, self._answered = engine, request, answered
+        self._current = chunks
+        self._gen = self._run()
+
+    def __iter__(self) -> _GuardedChunks:
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._gen)
+
+    def close(self) -> None:
+        try:
+            self._gen.close()
+        finally:
+            _close(self._current)
+
+    def _run(self) -> Iterator[Chunk]:
+        parser = ToolCallParser()
+        held: list[Chunk] = []
+        for chunk in self._current:
+            held.append(chunk)
+            deltas = parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason is not None else [])
+            if not parser.calling and any(d.get("content") for d in deltas):  # text: nothing to guard
+                yield from held
+                yield from self._current
+                return
+        if not repeats_answered("".join(c.text for c in held), self._answered):
+            yield from held
+            return
+        discarded = next((c.usage.completion_tokens for c in reversed(held) if c.usage is not None), 0)
+        _close(self._current)  # the engine serves one stream at a time
+        self._current = self._engine.stream(answer_request(self._request))
+        for chunk in self._current:
+            if chunk.finish_reason is not None:
+                chunk = chunk.model_copy(update={"timings": _noted(chunk.timings, discarded)})
+            yield chunk

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from velollm import tools
 from velollm.engine import Chunk, Completion, Engine, GenerationRequest, LoadOptions, engine_turn_free_methods
 from velollm.errors import EngineClosed, InvalidRequest, QueueFull, QueueTimeout
 from velollm.placement import Plan
@@ -258,14 +259,17 @@ class PooledEngine:
         return self.raw.context_length
 
     def generate(self, request: GenerationRequest) -> Completion:
+        """One turn; tool calling's loop guard runs in it (:func:`velollm.tools.guarded_generate`: every
+        route, the server, litellm and ``velollm.LM``, generates through here)."""
         with self._pool.turn(self._entry, self._timeout):
-            return self.raw.generate(request)
+            return tools.guarded_generate(self.raw, request)
 
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        """Takes the turn now (so QueueFull/QueueTimeout raise here) and keeps it until the stream ends."""
+        """Takes the turn now (so QueueFull/QueueTimeout raise here) and keeps it until the stream ends
+        (the loop guard's second try, :func:`velollm.tools.guarded_stream`, included)."""
         token = self._pool._turn(self._entry, self._timeout)
         try:
-            inner = self.raw.stream(request)
+            inner = tools.guarded_stream(self.raw, request)
         except BaseException:
             self._pool._end_turn(self._entry, token)
             raise

@@ -117,9 +117,11 @@ def to_generation_request(request: lm15.Request) -> GenerationRequest:
     if config.logprobs is not None:
         fields.update(logprobs=True, top_logprobs=config.logprobs)
     if request.tools:
-        tool_fields, _ = tools.request_fields(_tool_params(request))
+        grammar = {"grammar": fields["grammar"]} if "grammar" in fields else {}  # an extension's grammar
+        tool_fields, _ = tools.request_fields({**_tool_params(request), "messages": messages, **grammar})
         fields.update(tool_fields)
-        return GenerationRequest.of(**fields)
+        if tool_fields.get("tools"):  # tools in play; under tool_choice "none" a response format still applies
+            return GenerationRequest.of(**fields)
     fmt = config.response_format
     if fmt is not None and "grammar" not in fields:
         fields["json_schema"] = fmt["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
