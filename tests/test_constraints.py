@@ -176,3 +176,27 @@ def test_unconstrained_loops_stop_and_counting_goes_on(gemma_engine: Engine) -> 
     assert stopped.usage.completion_tokens < 160 and unguarded.text.startswith(stopped.text)  # ...with it, not
     counting = run(", ".join(str(i) for i in range(1, 21)) + ",")
     assert counting.usage.completion_tokens == 240  # a count is not a loop
+
+
+def test_a_walked_draft_follows_the_grammar_and_leaves_the_state_as_it_was(qwen_engine: Engine) -> None:
+    """Speculation drafts along the constraint: forced keys marked forced, a proposal cut at the first
+    token the grammar refuses, and the state unchanged afterwards (the matcher is rolled back)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "city": {"type": "string"}},
+              "required": ["name", "city"], "additionalProperties": False}
+    state = qwen_engine.constraint_cache().get(json_schema=schema).start()
+    for token in tokens(qwen_engine, '{"name": "'):
+        state.advance(token)
+    copy = tokens(qwen_engine, 'Ada Lovelace", "city": "London"}')
+    walked, forced = state.walk(lambda ahead: copy[len(ahead):] if ahead == copy[:len(ahead)] else [], 32)
+    assert qwen_engine.detokenize(walked) == qwen_engine.detokenize(copy[:len(walked)])
+    assert len(walked) == len(copy) and not any(forced)  # every token of the copy obeys the schema
+    bad = tokens(qwen_engine, 'Ada"} trailing')
+    walked, forced = state.walk(lambda ahead: bad if not ahead else [], 32)
+    assert qwen_engine.detokenize(walked) == "Ada"  # cut at '"}': the required city is missing
+    assert state.n == len(tokens(qwen_engine, '{"name": "')) and not state.done
+    first = tokens(qwen_engine, "Ada")
+    for token in first:
+        state.advance(token)  # the state still takes the answer it would have taken before walking
+    walked, forced = state.walk(lambda ahead: tokens(qwen_engine, '", "') if not ahead else [], 32)
+    text = qwen_engine.detokenize(walked)
+    assert text.startswith('", "') and "city" in text and any(forced), (text, forced)

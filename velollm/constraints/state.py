@@ -19,6 +19,7 @@ grammar's own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -194,6 +195,50 @@ class ConstraintState:
         if self.steering:
             return []
         return list(self._m.compute_ff_tokens())
+
+    def walk(self, propose: Callable[[list[int]], list[int]], limit: int,
+             merges: dict[bytes, int] | None = None) -> tuple[list[int], list[bool]]:
+        """A speculative draft that obeys the grammar: the tokens it forces (JSON keys, punctuation)
+        and, where it forces none, ``propose(drafted so far)``'s tokens cut at the first one it refuses.
+
+        Forced text whose last token may merge with free text (``"`` before ``:``) is drafted as
+        ``merges`` says the model spelled it before (``":"``), else without that last token.
+        Walked ahead on the matcher and rolled back, so the state is unchanged. Returns the tokens
+        and, per token, whether the grammar forced it. Nothing while steering: steering decides there.
+        """
+        tokens: list[int] = []
+        forced: list[bool] = []
+        if self.steering or self.done or limit <= 0:
+            return tokens, forced
+        m = self._m
+        try:
+            while len(tokens) < limit and not m.is_stopped():
+                ahead = list(m.compute_ff_tokens())
+                if not ahead and (text := m.compute_ff_bytes()):  # its last token may merge with what follows
+                    merged = (merges or {}).get(text)
+                    ahead = [merged] if merged is not None else self.vocab.encode(text)[:-1]
+                ahead = ahead[: limit - len(tokens)]
+                by_grammar = bool(ahead)
+                if not ahead:
+                    ahead = propose(tokens)[: limit - len(tokens)]
+                ahead = ahead[: m.validate_tokens(ahead)] if ahead else []
+                if not ahead or not m.consume_tokens(ahead):
+                    break
+                tokens += ahead
+                forced += [by_grammar] * len(ahead)
+        finally:
+            if tokens:
+                m.rollback(len(tokens))
+        return tokens, forced
+
+    def merged_spelling(self, token: int) -> bytes | None:
+        """The forced text ``token`` (about to be taken) spells together with free text after it,
+        e.g. ``"`` in ``":"``; None when nothing is forced or the token is the forced text's own."""
+        if self.steering or self._m.compute_ff_tokens():
+            return None
+        text = self._m.compute_ff_bytes()
+        piece = self.vocab.pieces[token] if 0 <= token < self.vocab.n_vocab else b""
+        return text if text and len(piece) > len(text) and piece.startswith(text) else None
 
     # --- moving on ------------------------------------------------------------------------------
     def advance(self, token: int) -> None:

@@ -7,7 +7,7 @@ dict write per n-gram size per token, so lookups stay O(1) however long the cont
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 
 class PromptLookup:
@@ -36,17 +36,52 @@ class PromptLookup:
                     table[tuple(seq[j - n:j])] = j
             seq.append(token)
 
-    def propose(self, k: int) -> tuple[list[int], int]:
+    def propose(self, k: int, ahead: Sequence[int] = ()) -> tuple[list[int], int]:
         """Up to ``k`` tokens to draft, and the n-gram size that matched (0: nothing matched).
 
+        ``ahead``: tokens already drafted past the indexed ones, so the tail to match is theirs.
         The longest n-gram wins: a 3-token match predicts the continuation better than a 1-token one.
         """
-        seq = self.tokens
-        size = len(seq)
+        tail = [*self.tokens[-self.max_ngram:], *ahead][-self.max_ngram:] if ahead else self.tokens
+        size = len(tail)
         if k <= 0:
             return [], 0
         for n in range(min(self.max_ngram, size), self.min_ngram - 1, -1):
-            start = self._next[n].get(tuple(seq[size - n:]))
+            start = self._next[n].get(tuple(tail[size - n:]))
             if start is not None:
-                return seq[start:start + k], n
+                return self.tokens[start:start + k], n
+        return [], 0
+
+
+class TextLookup:
+    """Prompt lookup on text: find the longest end of the output's text in the prompt's text and
+    propose the prompt's continuation, tokenized afresh.
+
+    Token n-grams miss where an answer copies a span but tokenizes its first word differently (a
+    JSON value opens with ``"Open`` where the prompt had `` Open``); the text still matches after one
+    token, so a copied value is drafted from its second token on.
+    """
+
+    def __init__(self, encode: Callable[[bytes], list[int]], min_bytes: int = 3, max_bytes: int = 32,
+                 bytes_per_token: int = 6) -> None:
+        self.encode = encode
+        self.min_bytes, self.max_bytes, self.bytes_per_token = min_bytes, max_bytes, bytes_per_token
+        self.source = b""
+
+    def reset(self, source: bytes) -> None:
+        self.source = source
+
+    def propose(self, tail: bytes, k: int) -> tuple[list[int], int]:
+        """Up to ``k`` tokens, and how many bytes of ``tail`` matched (0: none). The continuation's
+        last token is dropped: it may be the first half of a word the model spells in one token."""
+        source = self.source
+        for n in range(min(self.max_bytes, len(tail)), self.min_bytes - 1, -1):
+            at = source.rfind(tail[-n:])
+            if at >= 0:
+                start = at + n
+                text = source[start:start + (k + 1) * self.bytes_per_token]
+                if not text:
+                    return [], 0
+                tokens = self.encode(text)
+                return tokens[: min(k, len(tokens) - 1 if start + len(text) < len(source) else len(tokens))], n
         return [], 0

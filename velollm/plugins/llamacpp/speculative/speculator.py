@@ -10,6 +10,7 @@ sampled from the target), so the output is the target's own.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,15 +29,19 @@ from velollm.plugins.llamacpp.speculative.costmodel import (
     paired_ratio,
 )
 from velollm.plugins.llamacpp.speculative.draft import DraftModel
-from velollm.plugins.llamacpp.speculative.lookup import PromptLookup
+from velollm.plugins.llamacpp.speculative.lookup import PromptLookup, TextLookup
 
 Mode = Literal["auto", "draft", "lookup", "off"]
 MODES: tuple[str, ...] = ("auto", "draft", "lookup", "off")
-Source = Literal["plain", "lookup", "draft", "forced"]
+Source = Literal["plain", "lookup", "draft", "forced", "walk"]
 
 #: a drafter is used in "auto" only when its expected rate beats plain decoding by this factor
 MIN_GAIN = 1.05
 DEFAULT_MAX_GAMMA = 8
+#: output tokens whose text is matched against the prompt's by text lookup
+TAIL_TOKENS = 8
+#: how often the target keeps a token the grammar forces (it may spell the same text in other tokens)
+FORCED_ACCEPTANCE = 0.95
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
 EXPLORE_AFTER = 64
 
@@ -137,22 +142,33 @@ class ChainPicker:
 class ConstraintPicker:
     """The target's choice under a constraint (velollm.constraints): argmax or the request's chain,
     checked against the constraint, which advances with every picked token. Only picked tokens are
-    output, so a rejected draft never touches the constraint's state. ``forced(limit)``: the tokens
-    the grammar forces next (JSON keys, punctuation), drafted for free and verified like any draft."""
+    output, so a rejected draft never touches the constraint's state. ``walk``: a draft that obeys the
+    constraint (:meth:`velollm.constraints.ConstraintState.walk`), verified like any other."""
 
     def __init__(self, runner: LlamaRunner, state: Any, chain: Any = None) -> None:
         self.runner, self.state, self.chain = runner, state, chain
         self._buf: dict[str, Any] = {}
+        self.merges: dict[bytes, int] = {}  # forced text -> the token the model spelled it with (walk)
 
     def __call__(self, i: int) -> int:
         from velollm.plugins.llamacpp.grammar import constrained_pick
 
         token = constrained_pick(self.state, self.runner.logits(i), self.chain, self._buf)
+        if (spelled := self.state.merged_spelling(token)) is not None:
+            self.merges[spelled] = token
         self.state.advance(token)
         return token
 
-    def forced(self, limit: int) -> list[int]:
-        return [] if self.state.done or limit <= 0 else self.state.forced()[:limit]
+    def walk(self, propose: Callable[[list[int]], list[int]], limit: int) -> tuple[list[int], list[bool]]:
+        return self.state.walk(propose, limit, self.merges)
+
+    def copy_source(self, prompt: bytes) -> bytes:
+        """The text an answer copies from: the prompt, and under JSON also the prompt as the string
+        escapes write it (a quote copied into a value is ``\\"``, a line break ``\\n``)."""
+        if not self.state.json:
+            return prompt
+        escaped = json.dumps(prompt.decode("utf-8", "replace"), ensure_ascii=False)[1:-1].encode()
+        return prompt + b"\n\n" + escaped
 
 
 class Speculator:
@@ -171,12 +187,21 @@ class Speculator:
         self.n_draft = n_draft
         self.min_gain = min_gain
         self.lookup = PromptLookup(max_ngram=max_ngram)
+        self.text_lookup = TextLookup(self._encode)
         # before evidence: a longer n-gram match is a better bet (a 1-token match is often chance)
         self.lookup_acceptance = {n: AcceptanceModel(self.max_gamma, prior=min(0.15 + 0.1 * n, 0.5))
                                   for n in range(1, max_ngram + 1)}
         self.draft_acceptance = AcceptanceModel(self.max_gamma, prior=0.6)
+        # drafts walked along a constraint: values copied from the prompt are mostly kept to their end
+        # (per n-gram size: deep in a copy, a 3-gram match, the copy tends to run on)
+        self.walk_acceptance = {n: AcceptanceModel(self.max_gamma, prior=0.7 + 0.05 * n)
+                                for n in range(1, max_ngram + 1)}
+        self._walk_ngram = 1
         self._draft_idle = 0
         self.last: RunStats | None = None
+
+    def _encode(self, text: bytes) -> list[int]:
+        return self.runner.llama.tokenize(text, add_bos=False, special=False)
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -211,6 +236,7 @@ class Speculator:
             "acceptance": {
                 **{f"lookup_{n}gram": m.snapshot() for n, m in self.lookup_acceptance.items()},
                 "draft": self.draft_acceptance.snapshot(),
+                **{f"walk_{n}gram": m.snapshot() for n, m in self.walk_acceptance.items()},
             },
         }
 
@@ -240,6 +266,8 @@ class Speculator:
         seq = list(prompt)
         lookup = self.lookup
         lookup.reset(seq if use_lookup else ())
+        self.text_lookup.reset(pick.copy_source(self.runner.llama.detokenize(seq))
+                               if use_lookup and isinstance(pick, ConstraintPicker) else b"")
         pending: list[_Pending] = []
         n_draft_before = self.draft.runner.evaluated if self.draft is not None else 0
         try:
@@ -258,9 +286,9 @@ class Speculator:
                     proposal, ngram = lookup.propose(self.max_gamma)
                     if proposal:
                         pending.append(_Pending(len(seq), proposal, ngram))
-                forced = pick.forced(cap) if isinstance(pick, ConstraintPicker) else []
-                if forced:  # the constraint dictates these: a free draft, verified like any other
-                    source, choice, draft = "forced", PLAIN, forced
+                if isinstance(pick, ConstraintPicker):
+                    source, choice, draft = self._plan_constrained(pick, seq, cap, mode, proposal, ngram,
+                                                                   use_lookup, use_draft)
                 else:
                     source, choice, draft = self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
                 n_past = len(runner.kv)
@@ -279,6 +307,8 @@ class Speculator:
                              + (self.draft_cost * len(draft) if source == "draft" else 0.0))
                 if source == "draft":
                     self.draft_acceptance.observe(len(draft), accepted)
+                elif source == "walk":
+                    self.walk_acceptance[self._walk_ngram].observe(len(draft), accepted)
                 seq.extend(new)
                 if use_lookup:
                     lookup.extend(new)
@@ -324,6 +354,41 @@ class Speculator:
                 choice = self._fixed(self.draft_acceptance.survival(), self.draft_cost, len(drafted))
             return source, choice, drafted
         return "plain", PLAIN, []
+
+    def _plan_constrained(self, pick: ConstraintPicker, seq: list[int], cap: int, mode: Mode, proposal: list[int],
+                          ngram: int, use_lookup: bool, use_draft: bool) -> tuple[Source, Choice, list[int]]:
+        """Under a constraint, draft along the grammar: the tokens it forces (free and near-certain)
+        joined with prompt lookup's copy wherever it forces none, cut at the first token it refuses.
+        An extraction answer alternates forced keys with values copied from the prompt, so one step
+        can carry a key and its whole value. Falls back to :meth:`_plan` when the walk has nothing."""
+        matched = [0]
+
+        def propose(ahead: list[int]) -> list[int]:
+            if not use_lookup:
+                return []
+            tail = self.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
+            tokens, n = self.text_lookup.propose(tail, self.max_gamma)
+            if tokens:  # a text match of 3..32 bytes: rank it like a 1..3-token n-gram
+                matched[0] = matched[0] or min(1 + n // 8, len(self.walk_acceptance))
+                return tokens
+            tokens, n = (proposal, ngram) if not ahead else self.lookup.propose(self.max_gamma, ahead)
+            matched[0] = matched[0] or n
+            return tokens
+
+        walk, forced = pick.walk(propose, cap)
+        if walk:
+            rates = self.walk_acceptance[max(matched[0], 1)].rates()
+            survival, p = [], 1.0
+            for j, by_grammar in enumerate(forced):
+                p *= FORCED_ACCEPTANCE if by_grammar else rates[min(j, len(rates) - 1)]
+                survival.append(p)
+            copies = not all(forced)
+            choice = choose_gamma(self.table, survival, max_gamma=len(walk), min_gain=self.min_gain,
+                                  force=mode == "lookup" and copies)
+            if choice.gamma:
+                self._walk_ngram = max(matched[0], 1)
+                return ("forced" if all(forced[: choice.gamma]) else "walk"), choice, walk[: choice.gamma]
+        return self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
 
     def _observe_draft_cost(self, seconds: float, evaluated: int) -> None:
         """Refine the draft's cost per token from real drafting (log-space EMA, steps capped at ±10 %):
