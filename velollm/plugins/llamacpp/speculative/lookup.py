@@ -71,17 +71,20 @@ class TextLookup:
     def reset(self, source: bytes) -> None:
         self.source = source
 
-    def propose(self, tail: bytes, k: int) -> tuple[list[int], int]:
-        """Up to ``k`` tokens, and how many bytes of ``tail`` matched (0: none). The continuation's
-        last token is dropped: it may be the first half of a word the model spells in one token."""
+    def propose(self, tail: bytes, k: int) -> tuple[list[int], int, bool]:
+        """Up to ``k`` tokens, how many bytes of ``tail`` matched (0: none), and whether they occur
+        once only in the source (an unambiguous continuation). The continuation's last token is
+        dropped: it may be the first half of a word the model spells in one token."""
         source = self.source
         for n in range(min(self.max_bytes, len(tail)), self.min_bytes - 1, -1):
-            at = source.rfind(tail[-n:])
+            key = tail[-n:]
+            at = source.rfind(key)
             if at >= 0:
                 start = at + n
                 text = source[start:start + (k + 1) * self.bytes_per_token]
                 if not text:
-                    return [], 0
+                    return [], 0, False
                 tokens = self.encode(text)
-                return tokens[: min(k, len(tokens) - 1 if start + len(text) < len(source) else len(tokens))], n
-        return [], 0
+                keep = min(k, len(tokens) - 1 if start + len(text) < len(source) else len(tokens))
+                return tokens[:keep], n, source.find(key) == at
+        return [], 0, False

@@ -40,6 +40,8 @@ MIN_GAIN = 1.05
 DEFAULT_MAX_GAMMA = 8
 #: output tokens whose text is matched against the prompt's by text lookup
 TAIL_TOKENS = 8
+#: a text match this long that occurs once in the prompt is an unambiguous copy
+UNIQUE_BYTES = 6
 #: how often the target keeps a token the grammar forces (it may spell the same text in other tokens)
 FORCED_ACCEPTANCE = 0.95
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
@@ -163,12 +165,11 @@ class ConstraintPicker:
         return self.state.walk(propose, limit, self.merges)
 
     def copy_source(self, prompt: bytes) -> bytes:
-        """The text an answer copies from: the prompt, and under JSON also the prompt as the string
-        escapes write it (a quote copied into a value is ``\\"``, a line break ``\\n``)."""
+        """The text an answer copies from: the prompt; under JSON, the prompt as string escapes write
+        it (a quote copied into a value is ``\\"``, a line break ``\\n``)."""
         if not self.state.json:
             return prompt
-        escaped = json.dumps(prompt.decode("utf-8", "replace"), ensure_ascii=False)[1:-1].encode()
-        return prompt + b"\n\n" + escaped
+        return json.dumps(prompt.decode("utf-8", "replace"), ensure_ascii=False)[1:-1].encode()
 
 
 class Speculator:
@@ -367,9 +368,9 @@ class Speculator:
             if not use_lookup:
                 return []
             tail = self.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
-            tokens, n = self.text_lookup.propose(tail, self.max_gamma)
-            if tokens:  # a text match of 3..32 bytes: rank it like a 1..3-token n-gram
-                matched[0] = matched[0] or min(1 + n // 8, len(self.walk_acceptance))
+            tokens, n, unique = self.text_lookup.propose(tail, self.max_gamma)
+            if tokens:  # rank a text match like a token n-gram: 3 when it is long and found once only
+                matched[0] = matched[0] or (3 if unique and n >= UNIQUE_BYTES else 2 if unique else 1)
                 return tokens
             tokens, n = (proposal, ngram) if not ahead else self.lookup.propose(self.max_gamma, ahead)
             matched[0] = matched[0] or n
