@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Literal
 
 import dspy
@@ -70,9 +71,20 @@ def test_json_format_asks_for_json_and_shows_demos_as_json() -> None:
     assert "Outputs will be a JSON object" in system["content"] and "Answer briefly." in system["content"]
     assert "[[ ## question ## ]]" in demo_user["content"]
     assert json.loads(demo_assistant["content"]) == {"answer": 2}
-    assert user["content"].startswith("[[ ## question ## ]]\n2 + 2?")
-    assert "Respond with a JSON object" in user["content"] and "`answer` (must be formatted as a valid Python int)" in \
-        user["content"]
+    # the requirements come first: the same on every call, the prompt cache serves them (issue: parallel decoding)
+    assert user["content"].startswith("Respond with a JSON object") and user["content"].endswith(
+        "[[ ## question ## ]]\n2 + 2?")
+    assert "`answer` (must be formatted as a valid Python int)" in user["content"]
+
+
+def test_every_call_of_a_program_shares_the_prompt_up_to_its_inputs() -> None:
+    """Two calls differ only from their inputs on, so the prefix cache serves demos and requirements."""
+    first = velollm.Adapter().format(QA, DEMOS, {"question": "2 + 2?"})
+    second = velollm.Adapter().format(QA, DEMOS, {"question": "What is the square root of 81?"})
+    assert first[:-1] == second[:-1]
+    a, b = first[-1]["content"], second[-1]["content"]
+    shared = len(os.path.commonprefix([a, b]))
+    assert a[shared:] == "2 + 2?" and b[shared:] == "What is the square root of 81?"
 
 
 def test_marker_format_matches_chat_adapter() -> None:

@@ -190,6 +190,17 @@ class Adapter(ChatAdapter):
             f"Outputs will be a JSON object with the following fields.\n\n{outputs}"
         )
 
+    def format_user_message_content(self, signature: type[Signature], inputs: dict[str, Any], prefix: str = "",
+                                    suffix: str = "", main_request: bool = False) -> str:
+        """DSPy's layout with the output requirements moved ahead of the inputs: they are the same
+        on every call, so the prompt cache serves them and only the inputs are new prompt tokens
+        (under ``Evaluate`` or an optimizer, that halves the prefill of a short example)."""
+        if not main_request or self.output_format == "markers":
+            return super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
+        requirements = self.user_message_output_requirements(signature)
+        fields = super().format_user_message_content(signature, inputs, main_request=False)
+        return "\n\n".join(part for part in (prefix, requirements, fields, suffix) if part).strip()
+
     def user_message_output_requirements(self, signature: type[Signature]) -> str:
         if self.output_format == "markers":
             return super().user_message_output_requirements(signature)
