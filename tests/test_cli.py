@@ -110,3 +110,19 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "velollm"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "generate" in result.stdout
+
+
+def test_a_command_exit_code_reaches_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """typer.Exit(n) in a command (a plugin's, say) is the process's exit status, not 0."""
+    import typer
+
+    from velollm import cli
+
+    def failing_check() -> None:
+        raise typer.Exit(3)
+
+    monkeypatch.setattr(cli, "_register_plugin_commands", lambda: cli.app.command("failing-check")(failing_check))
+    try:
+        assert cli.main(["failing-check"]) == 3
+    finally:
+        cli.app.registered_commands[:] = [c for c in cli.app.registered_commands if c.name != "failing-check"]

@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     try:
         _register_plugin_commands()
-        app(args=args, prog_name="velollm", standalone_mode=False)
+        # without standalone mode click returns typer.Exit(n)'s code instead of raising it
+        code = app(args=args, prog_name="velollm", standalone_mode=False)
     except VeloError as exc:
         if debug:
             raise
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
                   highlight=False, soft_wrap=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
