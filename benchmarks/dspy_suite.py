@@ -22,12 +22,7 @@ import dspy
 import pydantic
 
 sys.path.insert(0, os.path.dirname(__file__))
-from adapter_suite import Case, run_case  # noqa: E402
-
-
-class Person(pydantic.BaseModel):
-    name: str
-    age: int
+from adapter_suite import Case, CityFacts, Person, Sentiment, run_case  # noqa: E402
 
 
 class Address(pydantic.BaseModel):
@@ -40,26 +35,11 @@ class Employee(pydantic.BaseModel):
     address: Address
 
 
-class Sentiment(dspy.Signature):
-    """Classify the sentiment of the review."""
-
-    review: str = dspy.InputField()
-    sentiment: Literal["positive", "negative"] = dspy.OutputField()
-
-
 class Topic(dspy.Signature):
     """Classify the topic of the headline."""
 
     headline: str = dspy.InputField()
     topic: Literal["sports", "politics", "technology", "food"] = dspy.OutputField()
-
-
-class CityFacts(dspy.Signature):
-    """Give the country a city is in and its continent."""
-
-    city: str = dspy.InputField()
-    country: str = dspy.OutputField()
-    continent: Literal["Africa", "Asia", "Europe", "North America", "South America", "Oceania"] = dspy.OutputField()
 
 
 def has(*words: str) -> Any:

@@ -8,11 +8,35 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import httpx
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, log_level: str = "warning", timeout: float = 60) -> Iterator[str]:
+    """An ASGI app served by uvicorn in a daemon thread of this process (so the test can hand it a
+    pool it observes); yields the base URL once it listens, stops it afterwards."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, f"uvicorn did not start within {timeout} s"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_process import free_port
+from server_process import serve_in_thread
 
 from velollm.engine import Chunk, GenerationRequest
 from velollm.server.app import ServerConfig, create_app
@@ -88,29 +88,19 @@ class _ObservedPool:
 
 @pytest.fixture(scope="module")
 def served(gemma_path: Any) -> Iterator[tuple[str, _ObservedPool]]:
-    import uvicorn
-
     from velollm.pool import ModelPool
 
     pool = _ObservedPool(ModelPool())
     app = create_app(ServerConfig(models={GEMMA: GEMMA}, load_options={"n_ctx": 2048}), pool=pool)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    base = f"http://127.0.0.1:{port}"
-    # the observer sees a generation that is left alone finish at max_tokens
-    done = httpx.post(base + "/v1/completions", json={**BODY, "max_tokens": 8}, timeout=300)
-    assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length", done.text
-    assert pool.wait_end().startswith("finished (length, 8 tokens)")
-    yield base, pool
-    server.should_exit = True
-    thread.join(30)
-    pool.close()
+    try:
+        with serve_in_thread(app) as base:
+            # the observer sees a generation that is left alone finish at max_tokens
+            done = httpx.post(base + "/v1/completions", json={**BODY, "max_tokens": 8}, timeout=300)
+            assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length", done.text
+            assert pool.wait_end().startswith("finished (length, 8 tokens)")
+            yield base, pool
+    finally:
+        pool.close()
 
 
 def test_mid_stream_disconnect_stops_generation(served: tuple[str, _ObservedPool]) -> None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from server_process import free_port
+from server_process import serve_in_thread
 
 from velollm.engine import Capabilities, Chunk, GenerationRequest
 from velollm.server.app import ServerConfig, create_app
@@ -58,20 +56,9 @@ class _Pool:
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    import uvicorn
-
-    app = create_app(ServerConfig(models={"m": "m"}), pool=_Pool())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(ServerConfig(models={"m": "m"}), pool=_Pool()), log_level="critical",
+                         timeout=30) as url:
+        yield url
 
 
 def _exchange(sock: socket.socket, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
