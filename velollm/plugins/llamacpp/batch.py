@@ -26,6 +26,7 @@ Why the pieces look as they do:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -39,7 +40,7 @@ import numpy as np
 
 from velollm.engine import Chunk, Timings, Usage
 from velollm.errors import EngineClosed, GenerationError, VeloError
-from velollm.plugins.llamacpp.runner import common_prefix
+from velollm.plugins.llamacpp.runner import ContextRunner, common_prefix
 from velollm.textstream import TokenTextStream
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,23 @@ class ConstraintPicker:
     def __init__(self, state: Any, chain: Any = None) -> None:
         self._state, self._chain = state, chain
         self._buf: dict[str, Any] = {}
+        self.drafts: Any = None  # speculative.ConstraintDrafts when the sequence speculates along the constraint
 
     def pick(self, ctx: Any, i: int, row: np.ndarray) -> int:
         from velollm.plugins.llamacpp.grammar import constrained_pick
 
         token = constrained_pick(self._state, row, self._chain, self._buf)
+        if self.drafts is not None:
+            self.drafts.note(token)
         self._state.advance(token)
         return token
+
+    def start_drafts(self) -> Any:
+        """Drafting along this constraint (:class:`.speculative.speculator.ConstraintDrafts`)."""
+        from velollm.plugins.llamacpp.speculative.speculator import ConstraintDrafts
+
+        self.drafts = ConstraintDrafts(self._state)
+        return self.drafts
 
     @property
     def done(self) -> bool:
@@ -305,7 +316,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], picker: Picker, *, max_new: int, stop: list[str] | None = None,
-                 logprobs: Any = None) -> None:
+                 logprobs: Any = None, session: Any = None) -> None:
         if not prompt:
             raise GenerationError("a sequence needs at least one prompt token")
         self.id = next(Sequence._ids)
@@ -314,6 +325,8 @@ class Sequence:
         self.picker = picker
         self.max_new = max_new
         self.logprobs = logprobs  # a velollm.logprobs.LogprobRecorder (on_logits(row, token), take()) or None
+        self.session = session  # a speculative.Session: this sequence speculates while it decodes alone
+        self.draft: list[int] | None = None  # this step's draft, decoded after its tokens (None: no plan)
         self.text = TokenTextStream(stop or [])
         self.n_past = 0  # tokens whose KV is in the cache under ``slot``
         self.slot: int | None = None
@@ -381,6 +394,7 @@ class BatchDecoder:
         if n_parallel < 1:
             raise ValueError("n_parallel must be at least 1")
         self._lib = llama_cpp
+        self.llama = llama
         self.n_parallel = n_parallel
         self.cache_slots = max(n_parallel, 4) if cache_slots is None else cache_slots
         n_seq = min(n_parallel + self.cache_slots, int(llama_cpp.llama_max_parallel_sequences()))
@@ -405,6 +419,7 @@ class BatchDecoder:
         n_threads = int(params.n_threads)
         self.tuner = ThreadTuner(n_threads) if adaptive_threads and n_threads > 1 else None
         self._threads = n_threads
+        self._cost_threads = n_threads  # the thread count the speculation cost table was measured at
         self._free_ids = list(range(n_seq))[::-1]
         self._cache: OrderedDict[int, list[int]] = OrderedDict()  # seq id -> tokens in its KV (LRU first)
         self._running: list[Sequence] = []
@@ -437,6 +452,21 @@ class BatchDecoder:
         with self._cond:
             self._clear_cache = True
             self._cond.notify()
+
+    @contextlib.contextmanager
+    def spare_runner(self) -> Iterator[ContextRunner]:
+        """A runner on a free sequence id of this context, for load-time measurements (speculation's
+        batch-cost table): use it before any request is submitted; its cells are dropped after."""
+        slot = self._take_id()
+        if slot is None:
+            raise GenerationError("the batch context has no free sequence id to measure on")
+        runner = ContextRunner(self.llama, self.ctx, self._batch, n_batch=self.n_batch, n_ctx=self.n_ctx, seq=slot)
+        self._cost_threads = self._threads
+        try:
+            yield runner
+        finally:
+            runner.reset()
+            self._free_ids.append(slot)
 
     @property
     def busy(self) -> int:
@@ -651,24 +681,46 @@ class BatchDecoder:
                 budget -= n
             need = sum(n for _, _, n in entries)
             if self._make_room(need) or not self._preempt():
+                self._speculate(entries)
                 return entries
+
+    def _speculate(self, entries: list[tuple[Sequence, int, int]]) -> None:
+        """Draft for a lone sequence (:mod:`.speculative`): when it is the only one running and nobody
+        waits, its step is a one-sequence decode, priced by the batch-cost table as on the ``Llama``'s
+        own context. With other sequences in the step, the batch already spends what verification
+        would cost and the gain is gone, so speculation steps aside (``stepped_aside`` counts it)."""
+        lone = len(entries) == 1 and len(self._running) == 1 and not self._waiting and not self._inbox
+        for k, (seq, pos, n) in enumerate(entries):
+            session = seq.session
+            if session is None or seq.n_out == 0 or pos + n != len(seq.tokens):
+                continue  # no speculation, still in its prompt, or a prompt chunk
+            if not lone:
+                session.stats.stepped_aside += 1
+                continue
+            room = min(self.n_batch - n, self.ledger.free - n, self.n_ctx - len(seq.tokens))
+            seq.draft = session.plan(seq.tokens, min(session.spec.max_gamma, seq.max_new - seq.n_out - 1, room))
+            entries[k] = (seq, pos, n + len(seq.draft))
 
     def _fill(self, entries: list[tuple[Sequence, int, int]]) -> list[int]:
         """Write the batch; returns, per entry, the batch index of its logits (-1: none)."""
         batch = self._batch
         idx, outs = 0, []
         for seq, pos, n in entries:
-            tokens, slot = seq.tokens, seq.slot
+            tokens, slot, draft = seq.tokens, seq.slot, seq.draft or []
+            known = len(tokens)
             for j in range(n):
-                batch.token[idx] = tokens[pos + j]
-                batch.pos[idx] = pos + j
+                p = pos + j
+                batch.token[idx] = tokens[p] if p < known else draft[p - known]
+                batch.pos[idx] = p
                 batch.n_seq_id[idx] = 1
                 batch.seq_id[idx][0] = slot
                 batch.logits[idx] = False
                 idx += 1
-            if pos + n == len(tokens):
-                batch.logits[idx - 1] = True
-                outs.append(idx - 1)
+            if pos + n - len(draft) == known:  # logits after the last known token and after each draft token
+                first = idx - 1 - len(draft)
+                for k in range(first, idx):
+                    batch.logits[k] = True
+                outs.append(first)
             else:
                 outs.append(-1)
         batch.n_tokens = idx
@@ -689,7 +741,9 @@ class BatchDecoder:
             self.tuner.record(self._threads, elapsed, self._batch.n_tokens)
         if rc != 0:
             self._undo(entries)
-            if len(entries) > 1:  # find the culprit: decode each sequence alone
+            drafted = any(seq.draft for seq, _, _ in entries)
+            entries = [self._undraft(entry) for entry in entries]
+            if len(entries) > 1 or drafted:  # find the culprit: decode each sequence alone, without drafts
                 for entry in entries:
                     if entry[0].slot is not None:
                         self._decode([entry])
@@ -700,13 +754,56 @@ class BatchDecoder:
             return
         for seq, pos, n in entries:
             self.ledger.append(seq.slot, pos, n)  # type: ignore[arg-type]
-            seq.n_past = pos + n
+            seq.n_past = pos + n - len(seq.draft or ())  # draft cells count once verified (_verify)
             self.stats["decoded"] += n
+        lone = entries[0][0] if len(entries) == 1 else None
+        if lone is not None and lone.draft is not None and self._threads == self._cost_threads:
+            lone.session.spec.table.observe(self._batch.n_tokens, elapsed)  # a lone step: what the table prices
         start = time.perf_counter()
         for (seq, _, _), i in zip(entries, outs, strict=True):
-            if i >= 0 and not seq.cancelled:
+            if seq.draft is not None:
+                self._verify(seq, i)
+            elif i >= 0 and not seq.cancelled:
                 self._advance(seq, i)
         self.stats["sample_s"] += time.perf_counter() - start
+
+    @staticmethod
+    def _undraft(entry: tuple[Sequence, int, int]) -> tuple[Sequence, int, int]:
+        """The entry without its draft (a failed decode is retried plain)."""
+        seq, pos, n = entry
+        draft, seq.draft = seq.draft, None
+        return (seq, pos, n - len(draft)) if draft else entry
+
+    def _verify(self, seq: Sequence, first: int) -> None:
+        """Pick along this step's draft row by row, as plain decoding would pick (forced tokens included),
+        until the first disagreement (:func:`~velollm.plugins.llamacpp.speculative.speculator.verify`);
+        then drop the cells of the draft tokens that did not stay."""
+        from velollm.plugins.llamacpp.speculative.speculator import verify
+
+        base, draft = seq.n_past, seq.draft or []  # the sequence's tokens are in the cache; the draft after them
+
+        def pick_row(row: int) -> list[int] | None:
+            if seq.done or seq.cancelled:
+                return None
+            self._advance(seq, first + row)
+            return None if seq.done else seq.tokens[base:]
+
+        verify(draft, pick_row)
+        kept = self._settle(seq)
+        if seq.slot is not None and kept < len(draft):
+            self._lib.llama_memory_seq_rm(self.memory, seq.slot, base + kept, -1)
+            self.ledger.remove(seq.slot, base + kept)
+        if seq.slot is not None:
+            seq.n_past = base + kept
+
+    def _settle(self, seq: Sequence) -> int:
+        """Close the step's draft (once): how many of its tokens stay, told to the speculation session."""
+        draft, seq.draft = seq.draft, None
+        if draft is None or seq.session is None:
+            return 0
+        kept = common_prefix(seq.tokens[seq.n_past:], draft)
+        seq.session.settle(seq.tokens, kept)
+        return kept
 
     def _undo(self, entries: list[tuple[Sequence, int, int]]) -> None:
         """A failed decode may leave part of its batch in the cache: remove it."""
@@ -767,6 +864,10 @@ class BatchDecoder:
     def _finish(self, seq: Sequence, reason: str) -> None:
         end = time.perf_counter()
         tail = seq.text.finish()
+        speculation: dict[str, Any] = {}
+        if seq.session is not None:  # finished while verifying a draft: that step counts too
+            self._settle(seq)
+            speculation = seq.session.finish(seq.tokens).as_dict()
         self.stats["cached_tokens"] += seq.cached
         self.stats["sequences"] += 1
         seq.done = True
@@ -776,7 +877,7 @@ class BatchDecoder:
             text=tail, finish_reason=reason,  # type: ignore[arg-type]
             usage=Usage(prompt_tokens=seq.n_prompt, completion_tokens=seq.n_out, cached_tokens=seq.cached),
             timings=Timings.measure(seq.start, seq.first, end, seq.n_prompt, seq.n_out, batched=True,
-                                    cached_tokens=seq.cached),
+                                    cached_tokens=seq.cached, **speculation),
             logprobs=seq.logprobs.take() if seq.logprobs is not None else None,
         ))
 
@@ -838,8 +939,11 @@ def open_decoder(engine: Any, *, n_parallel: int, n_ctx: int) -> BatchDecoder:
                         is_eog=engine.is_end_of_generation, piece=engine._piece)
 
 
-def stream(engine: Any, decoder: BatchDecoder, request: Any, prompt: list[int], grammar: Any) -> Iterator[Chunk]:
-    """Submit one request to the batch; the returned iterator's ``close()`` cancels it."""
+def stream(engine: Any, decoder: BatchDecoder, request: Any, prompt: list[int], grammar: Any,
+           mode: str = "off") -> Iterator[Chunk]:
+    """Submit one request to the batch; the returned iterator's ``close()`` cancels it.
+
+    ``mode``: its speculative mode (the engine's ``_speculator`` drafts for it while it runs alone)."""
     from velollm.logprobs import recorder_for
     from velollm.plugins.llamacpp.sampling import random_seed
 
@@ -847,8 +951,13 @@ def stream(engine: Any, decoder: BatchDecoder, request: Any, prompt: list[int], 
     max_new = min(request.max_tokens or budget, budget)
     seed = request.seed if request.seed is not None else random_seed()
     picker = picker_for(engine, request, grammar, seed, max_new)
-    seq = Sequence(prompt, picker, max_new=max_new, stop=request.stop, logprobs=recorder_for(request, engine._piece))
     try:
+        session = None
+        if mode != "off":  # along a constraint, drafts walk the grammar
+            drafts = picker.start_drafts() if isinstance(picker, ConstraintPicker) else None
+            session = engine._speculator.session(prompt, mode, drafts)
+        seq = Sequence(prompt, picker, max_new=max_new, stop=request.stop,
+                       logprobs=recorder_for(request, engine._piece), session=session)
         decoder.submit(seq)
     except BaseException:
         picker.close()

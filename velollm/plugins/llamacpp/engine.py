@@ -165,10 +165,10 @@ class LlamaCppEngine:
                 f"{info.file_size:,} bytes) with {backend}: {reason}"
             ) from None
         engine = cls(llama, info, options, backend)
-        if batched:  # speculation drives the Llama's own context: it stays off while batching
+        if batched:
             engine._open_batch(parallel, n_ctx)
-        elif options.speculative is not None or options.draft_model or options.prompt_lookup:
-            engine._attach_speculator()
+        if options.speculative is not None or options.draft_model or options.prompt_lookup:
+            engine._attach_speculator()  # batched: it drafts for a sequence while it decodes alone
         return engine
 
     def _open_batch(self, parallel: int, n_ctx: int) -> None:
@@ -198,7 +198,11 @@ class LlamaCppEngine:
             return backend.load(resolve(ref).path, draft_options)
 
         try:
-            self._speculator = speculative.attach(self._llama, self.name, opts, load_draft)
+            if self._batch is None:
+                self._speculator = speculative.attach(self._llama, self.name, opts, load_draft)
+            else:  # the batch-cost table is timed on the batch context, where the drafts are verified
+                with self._batch.spare_runner() as runner:
+                    self._speculator = speculative.attach(self._llama, self.name, opts, load_draft, costs_on=runner)
         except BaseException:
             self.close()
             raise
@@ -316,18 +320,22 @@ class LlamaCppEngine:
                 f"n_ctx (LoadOptions.n_ctx, velollm.LM(n_ctx=...), velollm serve --ctx)"
                 + (f"; it was trained on {trained} tokens" if trained else ""))
         grammar = self.grammar_for(request)
+        mode = self._speculation_mode(request)
         if self._batch is not None:  # continuous batching: the request joins the running batch
             from velollm.plugins.llamacpp import batch
 
-            return batch.stream(self, self._batch, request, prompt, grammar)
+            return batch.stream(self, self._batch, request, prompt, grammar, mode)
+        return self._run(request, prompt, grammar, mode)
+
+    def _speculation_mode(self, request: GenerationRequest) -> Any:
+        """The request's speculative mode (``extra["speculative"]`` or the engine's default); "off"
+        when it asks for log-probabilities (they need the logits of every step, one token at a time)."""
         mode = "off"
         if self._speculator is not None or "speculative" in request.extra:
             from velollm.plugins.llamacpp.speculative import request_mode
 
-            mode = request_mode(self._speculator, request)
-        if request.logprobs:  # log-probabilities need the logits of every step: decode one token at a time
-            mode = "off"
-        return self._run(request, prompt, grammar, mode)
+            mode = request_mode(self._speculator, request)  # a bad mode is refused all the same
+        return "off" if request.logprobs else mode
 
     def _run(self, request: GenerationRequest, prompt: list[int], grammar: Any, mode: str = "off") -> Iterator[Chunk]:
         with self._lock:

@@ -34,43 +34,50 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
-class LlamaRunner:
-    """Batches in, logits views out, KV cache and the ``Llama``'s state kept consistent."""
+class ContextRunner:
+    """One sequence of a ``llama_context``: batches in, logits views out, a mirror of its KV cells.
 
-    def __init__(self, llama: Any) -> None:
+    ``llama`` is the ``llama_cpp.Llama`` whose model and vocabulary the context uses (tokenizing);
+    ``batch`` a ``llama_batch`` of at least ``n_batch`` tokens. The batch decoder measures its
+    batch-cost table through one on a spare sequence id of its context.
+    """
+
+    def __init__(self, llama: Any, ctx: Any, batch: Any, *, n_batch: int, n_ctx: int, seq: int = 0) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
         self.llama = llama
-        self.ctx = llama._ctx.ctx
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama._batch.batch
-        self.n_batch = int(llama.n_batch)
-        self.n_ctx = int(llama.n_ctx())
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.batch = batch
+        self.seq = seq
+        self.n_batch = n_batch
+        self.n_ctx = n_ctx
         self.n_vocab = int(llama.n_vocab())
-        self.kv: list[int] = []  # mirror of what the KV cache holds (= llama.input_ids[:llama.n_tokens])
+        self.kv: list[int] = []  # mirror of what the KV cache holds for ``seq``
         self.evaluated = 0  # tokens evaluated so far (a draft model's cost)
-        self.refresh()
 
     # --- state ------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Re-read the ``Llama``'s state: another path (vanilla ``generate``) may have used it."""
-        self.kv = self.llama.input_ids[: self.llama.n_tokens].tolist()
-        self._lib.llama_memory_seq_rm(self.memory, 0, len(self.kv), -1)
-
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` positions of the KV cache."""
         if n < len(self.kv):
-            self._lib.llama_memory_seq_rm(self.memory, 0, n, -1)
+            self._lib.llama_memory_seq_rm(self.memory, self.seq, n, -1)
             del self.kv[n:]
-            self.llama.n_tokens = n
-        self.llama._requires_eval = True  # the context's logits are no longer the vanilla path's
+            self._kept(n)
+        self._stale()
 
     def reset(self) -> None:
-        self._lib.llama_memory_clear(self.memory, True)
+        self._lib.llama_memory_seq_rm(self.memory, self.seq, 0, -1)
         self.kv = []
-        self.llama.n_tokens = 0
-        self.llama._requires_eval = True
+
+    def _kept(self, n: int) -> None:
+        """The cache now holds ``kv[:n]`` (hook: the ``Llama``'s own bookkeeping)."""
+
+    def _wrote(self, n_past: int, chunk: Sequence[int]) -> None:
+        """``chunk`` was decoded at ``n_past`` (hook)."""
+
+    def _stale(self) -> None:
+        """The context's logits changed (hook)."""
 
     # --- evaluation ---------------------------------------------------------------------------
     def feed(self, tokens: Sequence[int], *, all_logits: bool = False) -> float:
@@ -93,7 +100,7 @@ class LlamaRunner:
             for i, token in enumerate(chunk):
                 batch.token[i] = token
                 batch.pos[i] = n_past + i
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = self.seq
                 batch.n_seq_id[i] = 1
                 batch.logits[i] = all_logits
             batch.logits[n - 1] = True
@@ -102,13 +109,12 @@ class LlamaRunner:
             elapsed = time.perf_counter() - start
             if rc != 0:
                 # the failed batch may have left part of itself in the cache: drop it
-                lib.llama_memory_seq_rm(self.memory, 0, n_past, -1)
+                lib.llama_memory_seq_rm(self.memory, self.seq, n_past, -1)
                 raise GenerationError(f"llama_decode returned {rc} (batch of {n} at position {n_past})")
-            self.llama.input_ids[n_past:n_past + n] = chunk
             self.kv.extend(chunk)
             self.evaluated += n
-            self.llama.n_tokens = n_past + n
-        self.llama._requires_eval = True
+            self._wrote(n_past, chunk)
+        self._stale()
         return elapsed
 
     def logits(self, i: int) -> np.ndarray:
@@ -138,3 +144,33 @@ class LlamaRunner:
             keep -= 1
         self.truncate(keep)
         return self.feed(seq[keep:])
+
+
+class LlamaRunner(ContextRunner):
+    """The ``Llama``'s own context (sequence 0), its bookkeeping (``n_tokens``, ``input_ids``) kept true."""
+
+    def __init__(self, llama: Any) -> None:
+        super().__init__(llama, llama._ctx.ctx, llama._batch.batch, n_batch=int(llama.n_batch),
+                         n_ctx=int(llama.n_ctx()))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the ``Llama``'s state: another path (vanilla ``generate``) may have used it."""
+        self.kv = self.llama.input_ids[: self.llama.n_tokens].tolist()
+        self._lib.llama_memory_seq_rm(self.memory, 0, len(self.kv), -1)
+
+    def reset(self) -> None:
+        self._lib.llama_memory_clear(self.memory, True)
+        self.kv = []
+        self._kept(0)
+        self._stale()
+
+    def _kept(self, n: int) -> None:
+        self.llama.n_tokens = n
+
+    def _wrote(self, n_past: int, chunk: Sequence[int]) -> None:
+        self.llama.input_ids[n_past:n_past + len(chunk)] = chunk
+        self.llama.n_tokens = n_past + len(chunk)
+
+    def _stale(self) -> None:
+        self.llama._requires_eval = True  # the context's logits are no longer the vanilla path's

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from velollm.errors import InvalidRequest, UnsupportedFeature
+from velollm.plugins.llamacpp.runner import ContextRunner
 from velollm.plugins.llamacpp.speculative.draft import DraftModel, VocabSummary, check_compatible
 from velollm.plugins.llamacpp.speculative.speculator import DEFAULT_MAX_GAMMA, MODES, Mode, Speculator
 
@@ -31,11 +32,13 @@ def plan(options: LoadOptions) -> tuple[Mode, bool, str | None] | None:
     return mode, lookup, draft
 
 
-def attach(llama: Any, name: str, options: LoadOptions, load_draft: Callable[[str], Any]) -> Speculator | None:
+def attach(llama: Any, name: str, options: LoadOptions, load_draft: Callable[[str], Any],
+           costs_on: ContextRunner | None = None) -> Speculator | None:
     """Build the speculator an engine's options ask for (None if they ask for none).
 
     ``load_draft(ref)`` loads the draft model as an engine of the same backend; it is refused with
     :class:`~velollm.errors.IncompatibleDraftModel` unless its vocabulary matches the main model's.
+    ``costs_on``: the context sequence the batch-cost table is timed on (default: the ``Llama``'s own).
     """
     configured = plan(options)
     if configured is None:
@@ -52,7 +55,8 @@ def attach(llama: Any, name: str, options: LoadOptions, load_draft: Callable[[st
             raise
     try:
         return Speculator.build(llama, mode=mode, lookup=lookup, draft=draft,
-                                max_gamma=options.n_draft or DEFAULT_MAX_GAMMA, n_draft=options.n_draft)
+                                max_gamma=options.n_draft or DEFAULT_MAX_GAMMA, n_draft=options.n_draft,
+                                costs_on=costs_on)
     except BaseException:
         if draft is not None:
             draft.close()

@@ -10,6 +10,7 @@ sampled from the target), so the output is the target's own.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from velollm.plugins.llamacpp.runner import LlamaRunner
+from velollm.plugins.llamacpp.runner import ContextRunner, LlamaRunner
 from velollm.plugins.llamacpp.speculative.costmodel import (
     PLAIN,
     AcceptanceModel,
@@ -66,6 +67,7 @@ class RunStats:
     produced: int = 0
     table_cost: float = 0.0
     draft_evaluated: int = 0
+    stepped_aside: int = 0  # batch steps shared with other sequences, where speculation stepped aside
 
     def record(self, source: Source, choice: Choice, drafted: int, accepted: int, table_cost: float) -> None:
         self.steps += 1
@@ -100,6 +102,7 @@ class RunStats:
             # ...and what its cost table makes of the acceptance that actually happened
             "modelled_speedup": self.produced / self.table_cost if self.table_cost else 1.0,
             "draft_evaluated": self.draft_evaluated,
+            "stepped_aside": self.stepped_aside,
         }
 
 
@@ -141,25 +144,19 @@ class ChainPicker:
         return int(self._sample(self._ptr, self._ctx, i))
 
 
-class ConstraintPicker:
-    """The target's choice under a constraint (velollm.constraints): argmax or the request's chain,
-    checked against the constraint, which advances with every picked token. Only picked tokens are
-    output, so a rejected draft never touches the constraint's state. ``walk``: a draft that obeys the
-    constraint (:meth:`velollm.constraints.ConstraintState.walk`), verified like any other."""
+class ConstraintDrafts:
+    """Drafting along a constraint (velollm.constraints), for one sequence: how the model spelled forced
+    text that merges with free text (noted as tokens are picked), the walk
+    (:meth:`velollm.constraints.ConstraintState.walk`) and the text an answer copies from."""
 
-    def __init__(self, runner: LlamaRunner, state: Any, chain: Any = None) -> None:
-        self.runner, self.state, self.chain = runner, state, chain
-        self._buf: dict[str, Any] = {}
+    def __init__(self, state: Any) -> None:
+        self.state = state
         self.merges: dict[bytes, int] = {}  # forced text -> the token the model spelled it with (walk)
 
-    def __call__(self, i: int) -> int:
-        from velollm.plugins.llamacpp.grammar import constrained_pick
-
-        token = constrained_pick(self.state, self.runner.logits(i), self.chain, self._buf)
+    def note(self, token: int) -> None:
+        """``token`` is about to be taken by the constraint (call before advancing it)."""
         if (spelled := self.state.merged_spelling(token)) is not None:
             self.merges[spelled] = token
-        self.state.advance(token)
-        return token
 
     def walk(self, propose: Callable[[list[int]], list[int]], limit: int) -> tuple[list[int], list[bool]]:
         return self.state.walk(propose, limit, self.merges)
@@ -172,8 +169,50 @@ class ConstraintPicker:
         return json.dumps(prompt.decode("utf-8", "replace"), ensure_ascii=False)[1:-1].encode()
 
 
+class ConstraintPicker:
+    """The target's choice under a constraint (velollm.constraints): argmax or the request's chain,
+    checked against the constraint, which advances with every picked token. Only picked tokens are
+    output, so a rejected draft never touches the constraint's state. ``drafts``: drafting that obeys
+    the constraint (:class:`ConstraintDrafts`), verified like any other draft."""
+
+    def __init__(self, runner: LlamaRunner, state: Any, chain: Any = None) -> None:
+        self.runner, self.state, self.chain = runner, state, chain
+        self._buf: dict[str, Any] = {}
+        self.drafts = ConstraintDrafts(state)
+
+    def __call__(self, i: int) -> int:
+        from velollm.plugins.llamacpp.grammar import constrained_pick
+
+        token = constrained_pick(self.state, self.runner.logits(i), self.chain, self._buf)
+        self.drafts.note(token)
+        self.state.advance(token)
+        return token
+
+
+def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None]) -> None:
+    """Let the target pick at output row 0, then at row r as long as the r tokens it picked so far
+    this step are the draft's first r (row r's logits follow them): the first disagreement, the
+    token after a fully agreed draft, or the end of the sequence ends the step. ``pick_row(r)``
+    picks (advancing the picker's state, so it must only see tokens that stay) and returns every
+    token picked this step, or None once the sequence ended. Shared by :meth:`Speculator.run` and
+    the batch decoder (:mod:`velollm.plugins.llamacpp.batch`)."""
+    row = 0
+    while (picked := pick_row(row)) is not None and row < len(picked) <= len(draft) \
+            and list(picked) == list(draft[:len(picked)]):
+        row = len(picked)
+
+
+def _pick_into(pick: Callable[[int], int], out: list[int], is_end: Callable[[int], bool], row: int) -> list[int] | None:
+    token = pick(row)
+    out.append(token)
+    return None if is_end(token) else out
+
+
 class Speculator:
-    """Owned by one engine; runs one completion at a time (the engine's lock guarantees it)."""
+    """Owned by one engine: the batch-cost table, the drafters and the acceptance learnt across
+    completions. :meth:`run` speculates on the ``Llama``'s own context, one completion at a time (the
+    engine's lock guarantees it); the batch decoder speculates for a lone sequence of its own
+    context through a :class:`Session` of the same planning and bookkeeping."""
 
     def __init__(self, llama: Any, table: CostTable, *, mode: Mode, lookup: bool, draft: DraftModel | None,
                  draft_cost: float = 0.0, max_gamma: int = DEFAULT_MAX_GAMMA, n_draft: int | None = None,
@@ -187,8 +226,7 @@ class Speculator:
         self.max_gamma = max(0, min(max_gamma, table.max_batch - 1, self.runner.n_batch - 1))
         self.n_draft = n_draft
         self.min_gain = min_gain
-        self.lookup = PromptLookup(max_ngram=max_ngram)
-        self.text_lookup = TextLookup(self._encode)
+        self.max_ngram = max_ngram
         # before evidence: a longer n-gram match is a better bet (a 1-token match is often chance)
         self.lookup_acceptance = {n: AcceptanceModel(self.max_gamma, prior=min(0.15 + 0.1 * n, 0.5))
                                   for n in range(1, max_ngram + 1)}
@@ -197,7 +235,6 @@ class Speculator:
         # (per n-gram size: deep in a copy, a 3-gram match, the copy tends to run on)
         self.walk_acceptance = {n: AcceptanceModel(self.max_gamma, prior=0.7 + 0.05 * n)
                                 for n in range(1, max_ngram + 1)}
-        self._walk_ngram = 1
         self._draft_idle = 0
         self.last: RunStats | None = None
 
@@ -207,11 +244,16 @@ class Speculator:
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def build(cls, llama: Any, *, mode: Mode, lookup: bool, draft: DraftModel | None,
-              max_gamma: int = DEFAULT_MAX_GAMMA, n_draft: int | None = None, repeats: int = 3) -> Speculator:
-        """Measure the batch-cost table (and the draft's cost per token) and build the speculator."""
+              max_gamma: int = DEFAULT_MAX_GAMMA, n_draft: int | None = None, repeats: int = 3,
+              costs_on: ContextRunner | None = None) -> Speculator:
+        """Measure the batch-cost table (and the draft's cost per token) and build the speculator.
+
+        ``costs_on``: the context sequence to time batches on (the batch decoder's, when it holds the
+        KV cache); the ``Llama``'s own context by default."""
         runner = LlamaRunner(llama)
-        max_batch = max(1, min(max_gamma + 1, runner.n_batch))  # n_batch 1 leaves nothing to verify with
-        table = cached_costs(runner, max_batch, repeats)
+        timed = runner if costs_on is None else costs_on
+        max_batch = max(1, min(max_gamma + 1, timed.n_batch))  # n_batch 1 leaves nothing to verify with
+        table = cached_costs(timed, max_batch, repeats)
         draft_cost = 0.0
         if draft is not None:
             draft_cost = cached_draft_cost(runner, draft.runner, repeats + 2)
@@ -251,7 +293,11 @@ class Speculator:
         if self.draft is not None:
             self.draft.close()
 
-    # --- one completion ------------------------------------------------------------------------
+    def session(self, prompt: Sequence[int], mode: Mode, drafts: ConstraintDrafts | None = None) -> Session:
+        """One completion's speculation (``drafts``: when a constraint picks its tokens)."""
+        return Session(self, prompt, mode, drafts)
+
+    # --- one completion on the Llama's own context ----------------------------------------------
     def run(self, prompt: Sequence[int], pick: Callable[[int], int], mode: Mode, max_new: int,
             is_end: Callable[[int], bool]) -> Iterator[list[int]]:
         """Yield the completion's tokens, in groups (one group per verification step).
@@ -260,136 +306,32 @@ class Speculator:
         the generator leaves the KV cache and the ``Llama``'s state consistent.
         """
         runner = self.runner
-        stats = self.last = RunStats(mode=mode)
-        use_lookup = mode == "lookup" or (mode == "auto" and self.offers_lookup)
-        use_draft = self.draft is not None and mode in ("auto", "draft")
+        session = self.session(prompt, mode, pick.drafts if isinstance(pick, ConstraintPicker) else None)
+        self.last = session.stats
         runner.refresh()
         seq = list(prompt)
-        lookup = self.lookup
-        lookup.reset(seq if use_lookup else ())
-        self.text_lookup.reset(pick.copy_source(self.runner.llama.detokenize(seq))
-                               if use_lookup and isinstance(pick, ConstraintPicker) else b"")
-        pending: list[_Pending] = []
-        n_draft_before = self.draft.runner.evaluated if self.draft is not None else 0
         try:
             runner.sync(seq)
             token = pick(-1)
             seq.append(token)
-            if use_lookup:
-                lookup.extend((token,))
             yield [token]
             produced = 1
             while produced < max_new and not is_end(seq[-1]):
-                cap = min(self.max_gamma, max_new - produced - 1)
-                proposal: list[int] = []
-                ngram = 0
-                if use_lookup:
-                    proposal, ngram = lookup.propose(self.max_gamma)
-                    if proposal:
-                        pending.append(_Pending(len(seq), proposal, ngram))
-                if isinstance(pick, ConstraintPicker):
-                    source, choice, draft = self._plan_constrained(pick, seq, cap, mode, proposal, ngram,
-                                                                   use_lookup, use_draft)
-                else:
-                    source, choice, draft = self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
+                draft = session.plan(seq, min(self.max_gamma, max_new - produced - 1))
                 n_past = len(runner.kv)
                 batch = [seq[-1], *draft]
                 elapsed = runner.feed(batch, all_logits=bool(draft))
                 self.table.observe(len(batch), elapsed)
                 new: list[int] = []
-                for i in range(len(batch)):
-                    token = pick(i)
-                    new.append(token)
-                    if i == len(draft) or token != draft[i] or is_end(token):
-                        break
+                verify(draft, functools.partial(_pick_into, pick, new, is_end))
                 accepted = len(new) - 1
                 runner.truncate(n_past + 1 + accepted)
-                stats.record(source, choice, len(draft), accepted, self.table.relative(len(batch))
-                             + (self.draft_cost * len(draft) if source == "draft" else 0.0))
-                if source == "draft":
-                    self.draft_acceptance.observe(len(draft), accepted)
-                elif source == "walk":
-                    self.walk_acceptance[self._walk_ngram].observe(len(draft), accepted)
                 seq.extend(new)
-                if use_lookup:
-                    lookup.extend(new)
-                    pending = self._resolve(pending, seq)
+                session.settle(seq, accepted)
                 produced += len(new)
                 yield new
         finally:
-            if use_lookup:
-                self._resolve(pending, seq, final=True)
-            if self.draft is not None:
-                stats.draft_evaluated = self.draft.runner.evaluated - n_draft_before
-
-    def _plan(self, seq: list[int], cap: int, mode: Mode, proposal: list[int], ngram: int, use_lookup: bool,
-              use_draft: bool) -> tuple[Source, Choice, list[int]]:
-        """Pick the drafter and γ for this step, and draft."""
-        if cap <= 0:
-            return "plain", PLAIN, []
-        forced = mode != "auto"
-        best: tuple[Source, Choice] = ("plain", PLAIN)
-        if use_lookup and proposal:
-            limit = min(cap, len(proposal))
-            survival = self.lookup_acceptance[ngram].survival()
-            choice = self._choose(survival, 0.0, limit, forced)
-            if choice.gamma and (forced or choice.rate > best[1].rate):
-                best = ("lookup", choice)
-        if use_draft and (forced or ceiling(self.table, draft_cost=self.draft_cost,
-                                            max_gamma=min(cap, self.max_gamma)).rate >= self.min_gain):
-            choice = self._choose(self.draft_acceptance.survival(), self.draft_cost, cap, forced)
-            if choice.gamma and (choice.rate > best[1].rate or forced):
-                best = ("draft", choice)
-            self._draft_idle = 0 if best[0] == "draft" else self._draft_idle + 1
-            if self._draft_idle >= EXPLORE_AFTER:  # unobserved for long: doubt the old verdict again
-                self.draft_acceptance.forget()
-                self._draft_idle = 0
-        source, choice = best
-        if source == "lookup":
-            return source, choice, proposal[: choice.gamma]
-        if source == "draft" and self.draft is not None:
-            evaluated, start = self.draft.runner.evaluated, time.perf_counter()
-            drafted = self.draft.draft(seq, choice.gamma, self.runner.n_vocab)
-            self._observe_draft_cost(time.perf_counter() - start, self.draft.runner.evaluated - evaluated)
-            if len(drafted) != choice.gamma:  # the draft got unsure early: account for what it did draft
-                choice = self._fixed(self.draft_acceptance.survival(), self.draft_cost, len(drafted))
-            return source, choice, drafted
-        return "plain", PLAIN, []
-
-    def _plan_constrained(self, pick: ConstraintPicker, seq: list[int], cap: int, mode: Mode, proposal: list[int],
-                          ngram: int, use_lookup: bool, use_draft: bool) -> tuple[Source, Choice, list[int]]:
-        """Under a constraint, draft along the grammar: the tokens it forces (free and near-certain)
-        joined with prompt lookup's copy wherever it forces none, cut at the first token it refuses.
-        An extraction answer alternates forced keys with values copied from the prompt, so one step
-        can carry a key and its whole value. Falls back to :meth:`_plan` when the walk has nothing."""
-        matched = [0]
-
-        def propose(ahead: list[int]) -> list[int]:
-            if not use_lookup:
-                return []
-            tail = self.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
-            tokens, n, unique = self.text_lookup.propose(tail, self.max_gamma)
-            if tokens:  # rank a text match like a token n-gram: 3 when it is long and found once only
-                matched[0] = matched[0] or (3 if unique and n >= UNIQUE_BYTES else 2 if unique else 1)
-                return tokens
-            tokens, n = (proposal, ngram) if not ahead else self.lookup.propose(self.max_gamma, ahead)
-            matched[0] = matched[0] or n
-            return tokens
-
-        walk, forced = pick.walk(propose, cap)
-        if walk:
-            rates = self.walk_acceptance[max(matched[0], 1)].rates()
-            survival, p = [], 1.0
-            for j, by_grammar in enumerate(forced):
-                p *= FORCED_ACCEPTANCE if by_grammar else rates[min(j, len(rates) - 1)]
-                survival.append(p)
-            copies = not all(forced)
-            choice = choose_gamma(self.table, survival, max_gamma=len(walk), min_gain=self.min_gain,
-                                  force=mode == "lookup" and copies)
-            if choice.gamma:
-                self._walk_ngram = max(matched[0], 1)
-                return ("forced" if all(forced[: choice.gamma]) else "walk"), choice, walk[: choice.gamma]
-        return self._plan(seq, cap, mode, proposal, ngram, use_lookup, use_draft)
+            session.finish(seq)
 
     def _observe_draft_cost(self, seconds: float, evaluated: int) -> None:
         """Refine the draft's cost per token from real drafting (log-space EMA, steps capped at ±10 %):
@@ -414,6 +356,142 @@ class Speculator:
         cost = self.table.relative(gamma + 1) + draft_cost * gamma
         return Choice(gamma, tokens / cost, tokens, cost)
 
+
+class Session:
+    """One completion's speculation: the drafters' indexes of its tokens, the lookup proposals waiting
+    for their outcome, its metrics. Each step: :meth:`plan` drafts (the cost model picks the drafter
+    and γ), the caller verifies the draft in one batch (:func:`verify`), :meth:`settle` records what
+    was kept. The acceptance it learns goes to its :class:`Speculator`, shared by later completions."""
+
+    def __init__(self, spec: Speculator, prompt: Sequence[int], mode: Mode, drafts: ConstraintDrafts | None) -> None:
+        self.spec = spec
+        self.mode: Mode = mode
+        self.use_lookup = mode == "lookup" or (mode == "auto" and spec.offers_lookup)
+        self.use_draft = spec.draft is not None and mode in ("auto", "draft")
+        self.drafts = drafts
+        self.lookup = PromptLookup(max_ngram=spec.max_ngram)
+        self.lookup.reset(prompt if self.use_lookup else ())
+        self.text_lookup = TextLookup(spec._encode)
+        self.text_lookup.reset(drafts.copy_source(spec.runner.llama.detokenize(list(prompt)))
+                               if self.use_lookup and drafts is not None else b"")
+        self.pending: list[_Pending] = []
+        self.stats = RunStats(mode=mode)
+        self._walk_ngram = 1
+        self._step: tuple[Source, Choice, list[int]] = ("plain", PLAIN, [])
+
+    def _catch_up(self, seq: list[int]) -> None:
+        """Index the tokens ``seq`` gained since the last call and score the proposals they settle."""
+        if self.use_lookup and len(seq) > len(self.lookup.tokens):
+            self.lookup.extend(seq[len(self.lookup.tokens):])
+            self.pending = self._resolve(self.pending, seq)
+
+    def plan(self, seq: list[int], cap: int) -> list[int]:
+        """The draft for the step after ``seq`` (at most ``cap`` tokens; [] = plain decoding)."""
+        self._catch_up(seq)
+        proposal: list[int] = []
+        ngram = 0
+        if self.use_lookup:
+            proposal, ngram = self.lookup.propose(self.spec.max_gamma)
+            if proposal:
+                self.pending.append(_Pending(len(seq), proposal, ngram))
+        if self.drafts is not None:
+            self._step = self._plan_constrained(self.drafts, seq, cap, proposal, ngram)
+        else:
+            self._step = self._plan(seq, cap, proposal, ngram)
+        return self._step[2]
+
+    def settle(self, seq: list[int], accepted: int) -> None:
+        """The planned step kept ``accepted`` draft tokens; ``seq`` is every token so far."""
+        spec = self.spec
+        source, choice, draft = self._step
+        self._step = ("plain", PLAIN, [])
+        self.stats.record(source, choice, len(draft), accepted, spec.table.relative(len(draft) + 1)
+                          + (spec.draft_cost * len(draft) if source == "draft" else 0.0))
+        if source == "draft":
+            spec.draft_acceptance.observe(len(draft), accepted)
+        elif source == "walk":
+            spec.walk_acceptance[self._walk_ngram].observe(len(draft), accepted)
+        self._catch_up(seq)
+
+    def finish(self, seq: list[int]) -> RunStats:
+        """The completion ended with ``seq``: score the proposals still open; its metrics."""
+        if self.use_lookup:
+            self._resolve(self.pending, seq, final=True)
+            self.pending = []
+        return self.stats
+
+    def _plan(self, seq: list[int], cap: int, proposal: list[int], ngram: int) -> tuple[Source, Choice, list[int]]:
+        """Pick the drafter and γ for this step, and draft."""
+        if cap <= 0:
+            return "plain", PLAIN, []
+        spec = self.spec
+        forced = self.mode != "auto"
+        best: tuple[Source, Choice] = ("plain", PLAIN)
+        if self.use_lookup and proposal:
+            limit = min(cap, len(proposal))
+            survival = spec.lookup_acceptance[ngram].survival()
+            choice = spec._choose(survival, 0.0, limit, forced)
+            if choice.gamma and (forced or choice.rate > best[1].rate):
+                best = ("lookup", choice)
+        if self.use_draft and (forced or ceiling(spec.table, draft_cost=spec.draft_cost,
+                                                 max_gamma=min(cap, spec.max_gamma)).rate >= spec.min_gain):
+            choice = spec._choose(spec.draft_acceptance.survival(), spec.draft_cost, cap, forced)
+            if choice.gamma and (choice.rate > best[1].rate or forced):
+                best = ("draft", choice)
+            spec._draft_idle = 0 if best[0] == "draft" else spec._draft_idle + 1
+            if spec._draft_idle >= EXPLORE_AFTER:  # unobserved for long: doubt the old verdict again
+                spec.draft_acceptance.forget()
+                spec._draft_idle = 0
+        source, choice = best
+        if source == "lookup":
+            return source, choice, proposal[: choice.gamma]
+        if source == "draft" and spec.draft is not None:
+            evaluated, start = spec.draft.runner.evaluated, time.perf_counter()
+            drafted = spec.draft.draft(seq, choice.gamma, spec.runner.n_vocab)
+            evaluated = spec.draft.runner.evaluated - evaluated
+            self.stats.draft_evaluated += evaluated
+            spec._observe_draft_cost(time.perf_counter() - start, evaluated)
+            if len(drafted) != choice.gamma:  # the draft got unsure early: account for what it did draft
+                choice = spec._fixed(spec.draft_acceptance.survival(), spec.draft_cost, len(drafted))
+            return source, choice, drafted
+        return "plain", PLAIN, []
+
+    def _plan_constrained(self, drafts: ConstraintDrafts, seq: list[int], cap: int, proposal: list[int],
+                          ngram: int) -> tuple[Source, Choice, list[int]]:
+        """Under a constraint, draft along the grammar: the tokens it forces (free and near-certain)
+        joined with prompt lookup's copy wherever it forces none, cut at the first token it refuses.
+        An extraction answer alternates forced keys with values copied from the prompt, so one step
+        can carry a key and its whole value. Falls back to :meth:`_plan` when the walk has nothing."""
+        spec = self.spec
+        matched = [0]
+
+        def propose(ahead: list[int]) -> list[int]:
+            if not self.use_lookup:
+                return []
+            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
+            tokens, n, unique = self.text_lookup.propose(tail, spec.max_gamma)
+            if tokens:  # rank a text match like a token n-gram: 3 when it is long and found once only
+                matched[0] = matched[0] or (3 if unique and n >= UNIQUE_BYTES else 2 if unique else 1)
+                return tokens
+            tokens, n = (proposal, ngram) if not ahead else self.lookup.propose(spec.max_gamma, ahead)
+            matched[0] = matched[0] or n
+            return tokens
+
+        walk, forced = drafts.walk(propose, cap)
+        if walk:
+            rates = spec.walk_acceptance[max(matched[0], 1)].rates()
+            survival, p = [], 1.0
+            for j, by_grammar in enumerate(forced):
+                p *= FORCED_ACCEPTANCE if by_grammar else rates[min(j, len(rates) - 1)]
+                survival.append(p)
+            copies = not all(forced)
+            choice = choose_gamma(spec.table, survival, max_gamma=len(walk), min_gain=spec.min_gain,
+                                  force=self.mode == "lookup" and copies)
+            if choice.gamma:
+                self._walk_ngram = max(matched[0], 1)
+                return ("forced" if all(forced[: choice.gamma]) else "walk"), choice, walk[: choice.gamma]
+        return self._plan(seq, cap, proposal, ngram)
+
     def _resolve(self, pending: list[_Pending], seq: list[int], final: bool = False) -> list[_Pending]:
         """Score lookup proposals whose outcome the generated tokens now show (free acceptance data)."""
         still: list[_Pending] = []
@@ -424,10 +502,10 @@ class Speculator:
             while agreed < avail and seq[p.pos + agreed] == p.tokens[agreed]:
                 agreed += 1
             if agreed < avail or avail == len(p.tokens):
-                self.lookup_acceptance[p.ngram].observe(len(p.tokens), agreed)
+                self.spec.lookup_acceptance[p.ngram].observe(len(p.tokens), agreed)
             elif final:
                 if avail:
-                    self.lookup_acceptance[p.ngram].observe(avail, avail)
+                    self.spec.lookup_acceptance[p.ngram].observe(avail, avail)
             else:
                 still.append(p)
         return still
@@ -436,10 +514,10 @@ class Speculator:
 _measured: dict[tuple[Any, ...], CostTable] = {}
 
 
-def cached_costs(runner: LlamaRunner, max_batch: int, repeats: int) -> CostTable:
-    """Measure once per model file, threads and batch size in a process (later loads reuse it)."""
+def cached_costs(runner: ContextRunner, max_batch: int, repeats: int) -> CostTable:
+    """Measure once per model file, threads, batch size and kind of context in a process (later loads reuse it)."""
     llama = runner.llama
-    key = (str(llama.model_path), getattr(llama, "n_threads", None), runner.n_batch, max_batch)
+    key = (str(llama.model_path), getattr(llama, "n_threads", None), runner.n_batch, max_batch, type(runner).__name__)
     table = _measured.get(key)
     if table is None:
         table = _measured[key] = measure_costs(runner, max_batch, repeats)
@@ -480,7 +558,7 @@ def measure_relative(main: LlamaRunner, draft: LlamaRunner, repeats: int) -> flo
         draft.reset()
 
 
-def measure_costs(runner: LlamaRunner, max_batch: int, repeats: int) -> CostTable:
+def measure_costs(runner: ContextRunner, max_batch: int, repeats: int) -> CostTable:
     """Time batches of 1..max_batch tokens after a short prefix, then leave the KV cache empty."""
     filler = runner.llama.tokenize(_FILLER.encode(), add_bos=False, special=False)
     while len(filler) < max_batch + 32:
