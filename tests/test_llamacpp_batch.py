@@ -307,3 +307,129 @@ def test_the_pool_lets_parallel_requests_in_together(gemma_path: Path) -> None:
         lease.release()
     finally:
         pool.close()
+
+
+# --- speculation inside the batch: a lone sequence drafts, verifies in the step, steps aside when joined -----
+FRUIT = "apples, bananas, cherries, dates, elderberries, figs, grapes, honeydew melons, kiwis, lemons, mangoes"
+COPY = [{"role": "user", "content": f"Repeat this list exactly, nothing else:\n{FRUIT}"}]
+COPY_SCHEMA = {"type": "object", "additionalProperties": False,
+               "properties": {"fruits": {"type": "array", "items": {"type": "string"}}}, "required": ["fruits"]}
+
+
+@pytest.fixture(scope="module")
+def spec_batched(qwen_path: Path) -> Iterator[Any]:
+    """Qwen 0.5B, 2 sequences, prompt lookup by default and a copy of itself as draft model."""
+    engine = _load(qwen_path, n_ctx=2048, parallel=2, speculative="lookup", draft_model=str(qwen_path), n_draft=4)
+    yield engine
+    engine.close()
+
+
+def _greedy(**fields: Any) -> GenerationRequest:
+    return GenerationRequest.of(**{"temperature": 0.0, "max_tokens": 48, **fields})
+
+
+def _idle(engine: Any) -> Any:
+    """The decoder once its scheduler has nothing left to do (cancellations are reaped by a step)."""
+    decoder = engine._batch
+    for _ in range(500):
+        if not decoder.busy:
+            return decoder
+        threading.Event().wait(0.01)
+    raise AssertionError("the batch decoder stayed busy")
+
+
+def _assert_cells_consistent(engine: Any) -> None:
+    """llama.cpp's cells, the ledger and the prefix cache agree: no draft cell outlives its step."""
+    decoder = _idle(engine)
+    lib, memory = decoder._lib, decoder.memory
+    for slot, tokens in decoder._cache.items():
+        assert decoder.ledger.length(slot) == len(tokens) == lib.llama_memory_seq_pos_max(memory, slot) + 1
+    for slot in decoder._free_ids:
+        assert decoder.ledger.length(slot) == 0 and lib.llama_memory_seq_pos_max(memory, slot) == -1
+
+
+def test_a_lone_request_speculates_inside_the_batch(spec_batched: Any) -> None:
+    assert spec_batched.max_concurrency == 2 and spec_batched.speculation["mode"] == "lookup"
+    off = spec_batched.generate(_greedy(messages=COPY, extra={"speculative": "off"}))
+    assert "drafted" not in off.timings.extra and "figs" in off.text
+    for mode in ("lookup", "draft"):
+        spec = spec_batched.generate(_greedy(messages=COPY, extra={"speculative": mode}))
+        assert (spec.text, spec.usage.completion_tokens, spec.finish_reason) == \
+            (off.text, off.usage.completion_tokens, off.finish_reason), mode
+        m = spec.timings.extra
+        assert m["speculative"] == mode and m["batched"] and m["stepped_aside"] == 0
+        assert m["drafted"] > 0 and 0 < m["accepted"] <= m["drafted"], m
+        assert m["by_source"][mode]["accepted"] > 0
+        assert sum(g * steps for _, g, steps in m["gamma_trace"]) == m["drafted"]
+        assert m["steps"] + m["accepted"] + 1 >= spec.usage.completion_tokens
+    assert m["draft_evaluated"] > 0
+    default = spec_batched.generate(_greedy(messages=COPY))  # the engine's mode: lookup
+    assert default.text == off.text and default.timings.extra["speculative"] == "lookup"
+    _assert_cells_consistent(spec_batched)
+
+
+def test_a_constrained_lone_request_speculates_along_its_grammar(spec_batched: Any) -> None:
+    ask = [{"role": "user", "content": f"Put these fruits in a JSON list:\n{FRUIT}"}]
+    off = spec_batched.generate(_greedy(messages=ask, json_schema=COPY_SCHEMA, max_tokens=80,
+                                        extra={"speculative": "off"}))
+    spec = spec_batched.generate(_greedy(messages=ask, json_schema=COPY_SCHEMA, max_tokens=80,
+                                         extra={"speculative": "lookup"}))
+    assert spec.text == off.text and spec.finish_reason == off.finish_reason
+    assert "figs" in json.loads(spec.text)["fruits"]
+    by_source = spec.timings.extra["by_source"]
+    assert sum(s["accepted"] for s in by_source.values()) > 0, by_source
+    _assert_cells_consistent(spec_batched)
+
+
+def test_stops_max_tokens_and_logprobs_while_speculating_in_the_batch(spec_batched: Any) -> None:
+    free = spec_batched.generate(_greedy(messages=COPY, extra={"speculative": "off"})).text
+    stopped = spec_batched.generate(_greedy(messages=COPY, stop=["grapes"]))
+    assert stopped.text == free[:free.index("grapes")] and stopped.finish_reason == "stop"
+    for n in (1, 3, 7):
+        c = spec_batched.generate(_greedy(messages=COPY, max_tokens=n, extra={"speculative": "draft"}))
+        assert c.usage.completion_tokens == n and c.finish_reason == "length"
+    logged = spec_batched.generate(_greedy(messages=COPY, max_tokens=6, logprobs=True))
+    assert "drafted" not in logged.timings.extra and len(logged.logprobs or []) == 6
+    _assert_cells_consistent(spec_batched)
+
+
+def test_concurrent_requests_step_aside_and_keep_the_targets_output(spec_batched: Any) -> None:
+    """Two requests together: no drafts while they share the step; the one left alone speculates.
+    Each output is the target's own greedy one (teacher-forced, near-ties aside: batch numerics)."""
+    requests = [_greedy(messages=COPY), _greedy(messages=[{"role": "user", "content": "Repeat exactly: "
+                                                           + FRUIT.upper()}], max_tokens=64)]
+    streams = [spec_batched.stream(r) for r in requests]  # both queued before either finishes
+    texts = _run_threads([lambda s=s: list(s) for s in streams])
+    stepped_aside = 0
+    for request, stream, chunks in zip(requests, streams, texts, strict=True):
+        final = chunks[-1]
+        assert final.finish_reason in ("stop", "length") and final.usage.completion_tokens > 0
+        prompt = spec_batched.prompt_tokens(request)
+        out = stream._seq.tokens[len(prompt):]
+        assert "".join(c.text for c in chunks) == spec_batched.detokenize(out)
+        _assert_teacher_forced(spec_batched, prompt, out)
+        stepped_aside += final.timings.extra["stepped_aside"]
+    assert stepped_aside > 0
+    _assert_cells_consistent(spec_batched)
+
+
+def test_a_failing_or_cancelled_speculating_sequence_leaves_the_cells_consistent(spec_batched: Any) -> None:
+    decoder = spec_batched._batch
+    prompt = spec_batched.prompt_tokens(_greedy(messages=COPY))
+    session = spec_batched._speculator.session(prompt, "lookup")
+    bad = decoder.submit(Sequence(prompt, _Exploding(), max_new=30, session=session))
+    with pytest.raises(GenerationError, match="boom"):
+        _drain(bad)
+    assert session.stats.steps > 0  # it failed while verifying a draft
+    _assert_cells_consistent(spec_batched)
+    long = spec_batched.stream(_greedy(messages=COPY, max_tokens=400))
+    assert next(long).finish_reason is None
+    long.close()
+    _assert_cells_consistent(spec_batched)
+    again = spec_batched.generate(_greedy(messages=COPY, max_tokens=8))
+    assert again.usage.completion_tokens == 8 and again.usage.cached_tokens > 0
+    _assert_cells_consistent(spec_batched)
+    spec_batched.reset_cache()  # the draft model's cache is reset on the scheduler thread
+    cold = spec_batched.generate(_greedy(messages=COPY, max_tokens=8, extra={"speculative": "draft"}))
+    assert cold.usage.cached_tokens == 0 and cold.text == again.text
+    _assert_cells_consistent(spec_batched)

@@ -22,6 +22,11 @@ Why the pieces look as they do:
   per-cell reference counts. A prompt that does not fit waits in the queue (cache entries are
   evicted first); a running sequence that no longer fits is preempted (its KV dropped, it re-enters
   the queue with its tokens so far and resumes where it was).
+* **Speculation for a lone sequence** (:mod:`.speculative`): while one sequence runs alone and
+  nobody waits, its step carries a draft after its last token (prompt lookup, a walk along its
+  constraint, a draft model), with logits on every draft row; it picks row by row with its own
+  picker until the first disagreement and the rejected cells are removed. Once another sequence
+  shares the step, the batch already costs what verification would, and speculation steps aside.
 """
 
 from __future__ import annotations
@@ -429,6 +434,7 @@ class BatchDecoder:
         self._cond = threading.Condition()
         self._closing = False
         self._clear_cache = False
+        self._on_clear: list[Callable[[], None]] = []  # run by the scheduler with the next cache clearing
         self.stats: dict[str, float] = {"steps": 0, "decoded": 0, "cached_tokens": 0, "preempted": 0, "evicted": 0,
                                         "decode_s": 0.0, "sample_s": 0.0, "sequences": 0}
         self._thread = threading.Thread(target=self._loop, name="velollm-batch", daemon=True)
@@ -447,10 +453,13 @@ class BatchDecoder:
             self._cond.notify()
         return seq
 
-    def clear_cache(self) -> None:
-        """Forget cached prefixes (benchmarks measure cold prefill)."""
+    def clear_cache(self, then: Callable[[], None] | None = None) -> None:
+        """Forget cached prefixes (benchmarks measure cold prefill); ``then`` runs on the scheduler thread
+        right after (a draft model's cache is reset there, never under a running draft)."""
         with self._cond:
             self._clear_cache = True
+            if then is not None:
+                self._on_clear.append(then)
             self._cond.notify()
 
     @contextlib.contextmanager
@@ -501,9 +510,12 @@ class BatchDecoder:
                     seq.order = next(self._orders)
                     self._waiting.append(seq)
                 clear, self._clear_cache = self._clear_cache, False
+                then, self._on_clear = self._on_clear, []
             try:
                 if clear:
                     self._evict_all()
+                for fn in then:
+                    fn()
                 if not self._step():
                     with self._cond:  # nothing could run (all waiting on others): do not spin
                         if not self._inbox and not self._closing:

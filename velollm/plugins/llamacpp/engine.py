@@ -214,13 +214,14 @@ class LlamaCppEngine:
 
     def reset_cache(self) -> None:
         """Forget the KV cache (the draft's too), so the next prompt is evaluated from scratch (benchmarks)."""
-        if self._batch is not None:
-            self._batch.clear_cache()
+        if self._batch is not None:  # the scheduler thread drafts: it resets the draft model's cache itself
+            draft = self._speculator.draft if self._speculator is not None else None
+            self._batch.clear_cache(then=None if draft is None else draft.reset)
         with self._lock:
             self._check_open()
             self._llama.reset()
             self._llama._ctx.kv_cache_clear()
-            if self._speculator is not None:
+            if self._speculator is not None and self._batch is None:
                 self._speculator.reset()
 
     # --- tokens ---------------------------------------------------------------------------
