@@ -433,3 +433,18 @@ def test_a_failing_or_cancelled_speculating_sequence_leaves_the_cells_consistent
     cold = spec_batched.generate(_greedy(messages=COPY, max_tokens=8, extra={"speculative": "draft"}))
     assert cold.usage.cached_tokens == 0 and cold.text == again.text
     _assert_cells_consistent(spec_batched)
+
+
+def test_a_failing_drafter_leaves_the_sequence_decoding_plainly(spec_batched: Any) -> None:
+    prompt = spec_batched.prompt_tokens(_greedy(messages=COPY))
+    session = spec_batched._speculator.session(prompt, "lookup")
+
+    def broken(seq: list[int], cap: int) -> list[int]:
+        raise RuntimeError("drafter down")
+
+    session.plan = broken  # type: ignore[method-assign]
+    seq = spec_batched._batch.submit(Sequence(prompt, GreedyPicker(), max_new=12, session=session))
+    text = _drain(seq)
+    off = spec_batched.generate(_greedy(messages=COPY, max_tokens=12, extra={"speculative": "off"}))
+    assert seq.session is None and text == off.text
+    _assert_cells_consistent(spec_batched)

@@ -710,7 +710,12 @@ class BatchDecoder:
                 session.stats.stepped_aside += 1
                 continue
             room = min(self.n_batch - n, self.ledger.free - n, self.n_ctx - len(seq.tokens))
-            seq.draft = session.plan(seq.tokens, min(session.spec.max_gamma, seq.max_new - seq.n_out - 1, room))
+            try:
+                seq.draft = session.plan(seq.tokens, min(session.spec.max_gamma, seq.max_new - seq.n_out - 1, room))
+            except Exception:  # a drafter's failure must not fail the request: it goes on without speculation
+                log.exception("speculative drafting failed; the sequence continues without it")
+                seq.session = seq.draft = None
+                continue
             entries[k] = (seq, pos, n + len(seq.draft))
 
     def _fill(self, entries: list[tuple[Sequence, int, int]]) -> list[int]:
