@@ -50,6 +50,23 @@ NEGATIVE = [
     "Rude staff and high prices.", "The screen cracked on arrival.", "I regret buying this.",
     "The noise kept me awake all night.", "A complete waste of time.",
 ]
+#: more labelled sentences: BootstrapFewShot trains on these, so its train set never overlaps the dev set
+MORE_POSITIVE = [
+    "The nurse made me feel safe.", "This blender is a joy to use.", "The hike was breathtaking.",
+    "Delivery came a day early.", "The teacher explained it so clearly.", "Fresh bread every morning, lovely.",
+    "The team fixed it in minutes.", "I am thrilled with the result.", "The seats were comfy and roomy.",
+    "What a charming little café.", "The sound quality is superb.", "She gave the best advice.",
+    "Everything arrived in perfect shape.", "The festival was pure fun.", "This jacket keeps me warm and dry.",
+    "The pasta tasted like home.",
+]
+MORE_NEGATIVE = [
+    "The package arrived crushed.", "My order was wrong twice.", "The heating never worked.",
+    "The manager ignored my complaint.", "Half the features are missing.", "The paint peeled within a week.",
+    "The flight was cancelled without notice.", "The sequel was a letdown.", "The water was cold every morning.",
+    "They charged me twice.", "The charger stopped working.", "The waiter spilled soup on me.",
+    "The parking was a nightmare.", "The lesson was a mess.", "Customer support hung up on me.",
+    "The fries were soggy and bland.",
+]
 
 
 class Sentiment(dspy.Signature):
@@ -59,14 +76,24 @@ class Sentiment(dspy.Signature):
     sentiment: Literal["positive", "negative"] = dspy.OutputField()
 
 
+def _examples(positive: list[str], negative: list[str]) -> list[dspy.Example]:
+    """Alternating labels."""
+    return [dspy.Example(text=t, sentiment=s).with_inputs("text")
+            for p, q in zip(positive, negative, strict=True) for t, s in ((p, "positive"), (q, "negative"))]
+
+
 def dataset(n: int) -> tuple[list[dspy.Example], list[dspy.Example]]:
-    """8 demos (4 + 4) and ``n`` evaluation examples, alternating labels."""
-    pairs = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    pos, neg = pairs[:len(POSITIVE)], pairs[len(POSITIVE):]
-    demos = [dspy.Example(text=t, sentiment=s).with_inputs("text") for t, s in pos[:4] + neg[:4]]
-    rest = [x for pair in zip(pos[4:], neg[4:], strict=True) for x in pair]
-    examples = [dspy.Example(text=t, sentiment=s).with_inputs("text") for t, s in (rest * 4)[:n]]
-    return demos, examples
+    """8 demos (4 + 4) and ``n`` evaluation examples (32 distinct ones, repeated beyond that)."""
+    demos = _examples(POSITIVE[:4], NEGATIVE[:4])
+    rest = _examples(POSITIVE[4:], NEGATIVE[4:])
+    return demos, (rest * (n // len(rest) + 1))[:n]
+
+
+def bootstrap_sets(n_train: int) -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """BootstrapFewShot's train set (the first ``n_train`` of the extra sentences) and a dev set of
+    every other labelled sentence (demos included: the compiled program has its own), disjoint."""
+    extra = _examples(MORE_POSITIVE, MORE_NEGATIVE)
+    return extra[:n_train], _examples(POSITIVE, NEGATIVE) + extra[n_train:]
 
 
 def metric(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> bool:
@@ -211,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         report["velollm_over_plain"] = {r["threads"]: p["wall_s"] / r["wall_s"]
                                         for r, p in zip(results["velollm"], results["plain"], strict=True)}
     if args.bootstrap:
-        train = dataset(32)[1][::-1][:args.bootstrap]  # the end of the pool: disjoint from 16 eval examples
-        report["bootstrap"] = {}
+        train, dev = bootstrap_sets(args.bootstrap)
+        report["bootstrap"] = {"train": len(train), "dev": len(dev)}
+        print(f"BootstrapFewShot on {len(train)} train examples, Evaluate on {len(dev)} others", flush=True)
         for name, (lm, adapter) in routes.items():
-            row = bootstrap_then_evaluate(lm, adapter, train, examples, max(args.threads_list))
+            row = bootstrap_then_evaluate(lm, adapter, train, dev, max(args.threads_list))
             report["bootstrap"][name] = row
             print(f"{name:8s} BootstrapFewShot {row['compile_s']:.1f} s + Evaluate {row['evaluate_s']:.1f} s "
                   f"= {row['total_s']:.1f} s, accuracy {row['accuracy']:.1f}", flush=True)
