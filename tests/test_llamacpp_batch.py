@@ -278,8 +278,29 @@ def test_placement_gives_parallel_sequences_the_trained_context_where_memory_all
     assert "parallel sequences share one KV cache" in n_ctx.reason
     assert plan.n_ctx == 32768 or "capped" in n_ctx.reason  # Qwen2.5-Coder was trained on 32k tokens
     assert any(d.topic == "parallel" for d in plan.decisions)
-    single = prepare(qwen_path, options=LoadOptions()).plan
-    assert single.parallel == 1 and prepare(qwen_path, options=LoadOptions()).load_options.parallel is None
+    single = prepare(qwen_path, options=LoadOptions(parallel=1))
+    assert single.plan.parallel == 1 and single.load_options.parallel == 1 and single.plan.n_ctx == 4096
+
+
+def test_placement_chooses_parallel_sequences_from_memory(qwen_path: Path) -> None:
+    """No ``parallel``: the llama.cpp backend batches up to 4 sequences in the context placement picks
+    anyway (KV per sequence x N must fit: 1024+ tokens each), and a real load declares that many."""
+    from velollm.loading import load_prepared, prepare
+
+    auto = prepare(qwen_path, options=LoadOptions())
+    parallel = next(d for d in auto.plan.decisions if d.topic == "parallel")
+    assert auto.plan.n_ctx == 4096 and auto.plan.parallel == 4 == auto.load_options.parallel
+    assert "chosen from memory" in parallel.reason
+    small = prepare(qwen_path, options=LoadOptions(n_ctx=1536))
+    assert small.plan.parallel == 1 and small.load_options.parallel is None
+    assert "one request at a time" in next(d for d in small.plan.decisions if d.topic == "parallel").reason
+    embed = prepare(qwen_path, options=LoadOptions(extra={"embedding": True}))
+    assert embed.plan.parallel == 1 and not any(d.topic == "parallel" for d in embed.plan.decisions)
+    engine = load_prepared(prepare(qwen_path, options=LoadOptions(n_ctx=2048)))
+    try:
+        assert engine.max_concurrency == 2 and engine.context_length == 2048
+    finally:
+        engine.close()
 
 
 def test_an_overflowing_prompt_names_the_knob(batched: Any) -> None:

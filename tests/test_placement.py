@@ -287,6 +287,9 @@ def test_third_party_backends_are_placeable(qwen15: ModelInfo, backends: dict[st
     assert plan.rejected["remote-like"] == "used only when named explicitly"
     plain = place(qwen15, probe, PlacementOptions(backend="plain"), everything)
     assert plain.n_gpu_layers == 0 and plain.accounted and plain.memory_bytes > sum(qwen15.layer_bytes)
+    # a backend that declares no max_parallel decodes one sequence; llama.cpp's batches the ones memory allows
+    assert plan.parallel == plain.parallel == 1
+    assert place(qwen15, probe, PlacementOptions(backend="llamacpp-cpu"), everything).parallel == 4
     remote = place(qwen15, probe, PlacementOptions(backend="remote-like"), everything)
     assert not remote.accounted and remote.memory_bytes == 0
 

@@ -573,8 +573,9 @@ def test_32_threads_generating_on_one_model_match_single_threaded_greedy_runs(re
     def request(prompt: str) -> GenerationRequest:
         return GenerationRequest(prompt=prompt, max_tokens=2, temperature=0)  # prefill + a decode step
 
-    # one llama.cpp thread: on a busy 2-core machine spinning worker threads slow everything down
-    with real_pool.engine("gemma3-270m", n_ctx=2048, n_threads=1) as engine:
+    # one llama.cpp thread: on a busy 2-core machine spinning worker threads slow everything down;
+    # one sequence: this is about the pool's turns (batched sequences' numerics: test_llamacpp_batch.py)
+    with real_pool.engine("gemma3-270m", n_ctx=2048, n_threads=1, parallel=1) as engine:
         engine.generate(request("Warm up"))
         expected = {p: engine.generate(request(p)).text for p in prompts}
     answers: dict[str, str] = {}
@@ -584,7 +585,7 @@ def test_32_threads_generating_on_one_model_match_single_threaded_greedy_runs(re
     def worker(prompt: str) -> None:
         barrier.wait()
         try:
-            with real_pool.engine("gemma3-270m", n_ctx=2048, n_threads=1) as shared:
+            with real_pool.engine("gemma3-270m", n_ctx=2048, n_threads=1, parallel=1) as shared:
                 answers[prompt] = shared.generate(request(prompt)).text
         except BaseException as exc:
             errors.append(exc)

@@ -11,15 +11,17 @@ Backend
     ``priority: int`` (lower is tried first when the user names no backend; default 100),
     ``auto_select: bool`` (``False``: used only when named; default ``True``),
     ``devices(probe) -> list[Device]`` (accelerators placement may put layers on),
-    ``memory_needs(info, n_ctx, options) -> MemoryNeeds | None`` (``None``: uses no local memory).
+    ``memory_needs(info, n_ctx, options) -> MemoryNeeds | None`` (``None``: uses no local memory),
+    ``max_parallel: int`` (sequences one engine can decode together, ``LoadOptions.parallel``; when the
+    caller names none, placement picks up to this many from memory; default 1).
 Engine
     ``max_concurrency: int`` (requests the pool lets in at once; default 1),
     ``turn_free_methods: frozenset[str]`` (methods that do not run the model and need no turn;
     default :data:`TURN_FREE_METHODS`), ``embed`` (see :class:`EmbeddingEngine`),
     ``request_extras: frozenset[str] | None`` (the keys of ``GenerationRequest.extra`` it
     understands; default none, so any key is refused; ``None``: passed on, e.g. to a server).
-Read them with :func:`backend_priority`, :func:`backend_auto_select`, :func:`engine_concurrency`,
-:func:`engine_turn_free_methods` and :func:`check_request_extras`.
+Read them with :func:`backend_priority`, :func:`backend_auto_select`, :func:`backend_max_parallel`,
+:func:`engine_concurrency`, :func:`engine_turn_free_methods` and :func:`check_request_extras`.
 """
 
 from __future__ import annotations
@@ -386,6 +388,12 @@ def backend_priority(backend: Any) -> int:
 def backend_auto_select(backend: Any) -> bool:
     """Whether placement may pick this backend when the user names none (declared ``auto_select``)."""
     return bool(getattr(backend, "auto_select", True))
+
+
+def backend_max_parallel(backend: Any) -> int:
+    """Sequences a backend's engines can decode together (declared ``max_parallel``; at least 1)."""
+    value = getattr(backend, "max_parallel", 1)
+    return max(1, int(value)) if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
 def engine_concurrency(engine: Any) -> int:

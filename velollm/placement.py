@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from velollm.engine import Device, LoadOptions, MemoryNeeds, backend_auto_select, backend_priority
+from velollm.engine import (
+    Device,
+    LoadOptions,
+    MemoryNeeds,
+    backend_auto_select,
+    backend_max_parallel,
+    backend_priority,
+)
 from velollm.errors import BackendNotFound, BackendUnavailable, InsufficientMemory
 from velollm.gguf.info import ModelInfo
 
@@ -67,8 +74,14 @@ class PlacementOptions(BaseModel):
     n_ctx: int | None = Field(default=None, ge=16)
     n_gpu_layers: int | None = None  # a user override; -1 = all
     n_threads: int | None = Field(default=None, ge=1)
-    parallel: int | None = Field(default=None, ge=1)  # sequences decoded together (one shared KV cache)
+    parallel: int | None = Field(default=None, ge=1)  # sequences decoded together (one shared KV cache); None: auto
     batch_ctx: int = Field(default=32768, ge=16)  # parallel > 1: the shared cache gets the trained length, up to this
+    # parallel None on a backend that batches: up to this many sequences (llama.cpp's server: 4) share the
+    # context placement chose anyway, each with at least seq_ctx tokens of it on average (KV per sequence x N
+    # must fit), so memory and offload stay as for one sequence and a small context stays one sequence
+    default_parallel: int = Field(default=4, ge=1)
+    seq_ctx: int = Field(default=1024, ge=16)
+    embedding: bool = False  # an embedding load: one sequence, the usual context
     use_mmap: bool | None = None
     use_mlock: bool | None = None
     kv_cache_type: str = "f16"  # K cache element type (LoadOptions.type_k), and V's unless kv_cache_type_v says
@@ -100,6 +113,7 @@ class PlacementOptions(BaseModel):
                 if name in explicit:
                     fields[name] = getattr(options, name)
             fields["n_batch"] = options.n_batch
+            fields["embedding"] = bool(options.extra.get("embedding"))
             fields["flash_attn"] = options.flash_attn
             fields["kv_cache_type"] = options.type_k
             if options.type_v != options.type_k:
@@ -401,6 +415,13 @@ def _threads(probe: HardwareProbe, options: PlacementOptions) -> Decision:
                            "saturate a core, so hyper-threads only add contention")
 
 
+def _auto_parallel(backend: Any, options: PlacementOptions) -> int:
+    """The most sequences placement may choose when the caller named none (1: it chooses nothing)."""
+    if options.parallel is not None or options.embedding:
+        return 1
+    return min(options.default_parallel, backend_max_parallel(backend))
+
+
 def _context(info: ModelInfo, options: PlacementOptions) -> tuple[int, str]:
     trained = info.context_length
     if options.n_ctx:
@@ -423,6 +444,7 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
     model = info.path.name
     devices = backend_devices(backend, probe)
     threads = _threads(probe, options)
+    auto_parallel = _auto_parallel(backend, options)
     wanted, ctx_reason = _context(info, options)
     total_ram, ram_free = probe.memory.total_bytes, probe.memory.available_bytes
     ram_margin = options.ram_margin_bytes if options.ram_margin_bytes is not None else max(512 * MiB, total_ram // 10)
@@ -470,10 +492,19 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
     decisions.append(Decision(topic="n_ctx", value=fit.n_ctx, reason=ctx_reason))
     decisions.append(_offload_decision(name, fit, devices, probe, options, n))
     decisions.append(threads)
-    if (options.parallel or 1) > 1:
+    parallel = options.parallel or max(1, min(auto_parallel, fit.n_ctx // options.seq_ctx))
+    if options.parallel and options.parallel > 1:
         decisions.append(Decision(topic="parallel", value=options.parallel,
                                   reason=f"requested: up to {options.parallel} requests decode together, sharing the "
                                          f"{fit.n_ctx}-token KV cache (a prompt waits while the cache is full)"))
+    elif auto_parallel > 1:
+        decisions.append(Decision(topic="parallel", value=parallel, reason=(
+            f"chosen from memory: up to {parallel} requests decode together in the {fit.n_ctx}-token KV cache, "
+            f"{options.seq_ctx}+ tokens each on average, a lone one may use all of it (at most {auto_parallel}; "
+            "ask with parallel / --parallel; a larger shared context with n_ctx / --ctx)"
+            if parallel > 1 else
+            f"chosen from memory: one request at a time: the {fit.n_ctx}-token context leaves no {options.seq_ctx} "
+            "tokens each for a second sequence (ask with parallel / --parallel)")))
     use_mmap = True if options.use_mmap is None else options.use_mmap
     decisions.append(Decision(topic="use_mmap", value=use_mmap, reason="requested" if options.use_mmap is not None else
                               "weights are mapped from the file: fast loads, one copy in the page cache shared by "
@@ -503,7 +534,7 @@ def _place_on(name: str, backend: Any, why: str, info: ModelInfo, probe: Hardwar
                                          "first device, so its split could differ from the plan)"))
     companion = options.companion_at(fit.n_ctx)
     use_mlock = next(d.value for d in decisions if d.topic == "use_mlock")
-    plan = Plan(model=model, backend=name, n_ctx=fit.n_ctx, parallel=options.parallel or 1,
+    plan = Plan(model=model, backend=name, n_ctx=fit.n_ctx, parallel=parallel,
                 n_gpu_layers=n_gpu_layers, n_threads=threads.value,
                 use_mmap=use_mmap, use_mlock=use_mlock, block_count=n, gpu_layers=fit.gpu_layers,
                 output_on_gpu=fit.output_on_gpu, devices=uses, tensor_split=split, ram_bytes=fit.ram_bytes + companion,

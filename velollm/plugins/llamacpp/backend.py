@@ -41,6 +41,7 @@ class LlamaCppBackend:
     """One ggml device kind of llama.cpp."""
 
     auto_select = True
+    max_parallel = 64  # LoadOptions.parallel's bound; batch.py holds them in one context
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
