@@ -43,6 +43,23 @@ def test_a_counting_loop_and_an_exact_loop_are_caught(qwen_engine: Engine) -> No
     assert find_loop(tokens(qwen_engine, echo), classes(qwen_engine)) is not None
 
 
+def test_a_paragraph_written_over_and_over_is_caught(qwen_engine: Engine) -> None:
+    """A ChainOfThought reasoning that starts itself over (seen on Qwen 0.5B): a ~110-token unit,
+    far beyond the short-period detector; caught in its third copy, not at max_tokens."""
+    unit = ("To determine the number of eggs in 4 boxes, we need to divide the total number of eggs by the "
+            "number of boxes. Here's the step-by-step process:\n\n1. Identify the total number of eggs: 6 eggs."
+            "\n2. Identify the number of boxes: 4 boxes.\n3. Divide the total number of eggs by the number of "
+            "boxes: 6 ÷ 4 = 1.5.\nTherefore, the number of eggs in 4 boxes is 2.\n\nAnswer: 2\nReasoning: ")
+    size = len(tokens(qwen_engine, unit))
+    assert size > 40  # beyond the short-period detector
+    looping = tokens(qwen_engine, unit * 4)
+    at = find_loop(looping, classes(qwen_engine))
+    assert at is not None and 2 * size < at <= 3 * size + 2
+    twice = "def area(w, h):\n    \"\"\"Area of a w x h rectangle, in square units.\"\"\"\n    return w * h\n\n"
+    assert find_loop(tokens(qwen_engine, unit * 2 + "So the answer is 2."), classes(qwen_engine)) is None
+    assert find_loop(tokens(qwen_engine, twice * 2), classes(qwen_engine)) is None
+
+
 @pytest.mark.parametrize("text", [
     ", ".join(str(i) for i in range(1, 51)),
     "[" + ", ".join(str(i) for i in range(1, 51)) + "]",

@@ -12,7 +12,13 @@ span. Two kinds of run count:
 
 A run must cover ``min_span`` tokens and ``min_repeats`` units before it counts (a counting run
 twice that), so a table whose rows share column text, a dozen identical lines of code, or a
-dozen worked steps ("Step 7: add 7, giving 28.") pass. One step costs ``O(max_period)``.
+dozen worked steps ("Step 7: add 7, giving 28.") pass.
+
+* **long**: a whole paragraph (``max_period < p <= max_long_period`` tokens) written out exactly
+  ``long_repeats`` times: a ChainOfThought reasoning of 110 tokens that ends by starting itself
+  over ran to ``max_tokens`` before this. Two identical functions or blocks pass.
+
+One step costs ``O(max_long_period)``.
 """
 
 from __future__ import annotations
@@ -54,12 +60,15 @@ class LoopDetector:
     """Feed tokens one by one; ``looping`` turns true once a degenerate run is long enough."""
 
     def __init__(self, classes: TokenClasses, *, max_period: int = 40, min_span: int = 96,
-                 min_repeats: int = 6, counting: bool = True) -> None:
+                 min_repeats: int = 6, counting: bool = True, max_long_period: int = 160,
+                 long_repeats: int = 3) -> None:
         self.classes = classes
         self.counting_runs = counting
         self.max_period = max_period
         self.min_span = min_span
         self.min_repeats = min_repeats
+        self.max_long_period = max(max_long_period, max_period)
+        self.long_repeats = long_repeats
         self.reset()
 
     def reset(self) -> None:
@@ -67,7 +76,7 @@ class LoopDetector:
         self.tokens: list[int] = []
         self.norm: list[int] = []
         # per period p: how many consecutive latest positions i have tokens[i] == tokens[i - p]
-        self.exact = [0] * (self.max_period + 1)
+        self.exact = [0] * (self.max_long_period + 1)
         self.counting = [0] * (self.max_period + 1)
         self.looping = False
         self.period = 0
@@ -81,6 +90,12 @@ class LoopDetector:
             self.exact[p] = self.exact[p] + 1 if self.tokens[-1] == self.tokens[-1 - p] else 0
             self.counting[p] = self.counting[p] + 1 if self.norm[-1] == self.norm[-1 - p] else 0
             if not self.looping and self._degenerate(p):
+                self.looping, self.period = True, p
+        tokens, exact, last = self.tokens, self.exact, token
+        for p in range(self.max_period + 1, min(self.max_long_period, n - 1) + 1):
+            run = exact[p] + 1 if tokens[-1 - p] == last else 0
+            exact[p] = run
+            if run >= (self.long_repeats - 1) * p and not self.looping:
                 self.looping, self.period = True, p
         return self.looping
 
