@@ -133,17 +133,6 @@ class ConstraintPicker:
     def done(self) -> bool:
         return bool(self._state.done)
 
-    def take_forced(self) -> list[int]:
-        """Tokens the constraint forces next, already advanced (they are decoded later as one chunk)."""
-        if self._state.done:
-            return []
-        tokens = self._state.forced()
-        for token in tokens:
-            self._state.advance(token)
-            if self._chain is not None:
-                self._chain.accept(token)
-        return tokens
-
     def close(self) -> None:
         if self._chain is not None:
             self._chain.close()
@@ -844,20 +833,11 @@ class BatchDecoder:
             return
         if seq.first is None:
             seq.first = time.perf_counter()
-        if self._emit(seq, token):
-            return
-        take_forced = getattr(seq.picker, "take_forced", None)
-        if take_forced is None or seq.logprobs is not None:  # forced tokens have no logits row of their own
-            return
-        try:
-            forced = take_forced()
-        except Exception as exc:
-            self._fail(seq, exc if isinstance(exc, VeloError) else GenerationError(
-                f"constraint failed: {type(exc).__name__}: {exc}"))
-            return
-        for token in forced:  # the grammar allows nothing else: no need to decode one token per step
-            if self._emit(seq, token):
-                return
+        # Tokens a constraint forces are picked like any other, under its mask, one per step: inserting
+        # llguidance's spelling of the forced text unasked gave the model tokens it would not have chosen,
+        # so a lone request's output differed from the single-sequence path's (on DSPy's ChainOfThought a
+        # 0.5B model then looped). A speculating sequence still drafts them and verifies them in one step.
+        self._emit(seq, token)
 
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Append one chosen token and stream its text; True when the sequence finished."""
