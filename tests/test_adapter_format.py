@@ -72,9 +72,8 @@ def test_json_format_asks_for_json_and_shows_demos_as_json() -> None:
     assert "[[ ## question ## ]]" in demo_user["content"]
     assert json.loads(demo_assistant["content"]) == {"answer": 2}
     # the requirements come first: the same on every call, the prompt cache serves them (issue: parallel decoding)
-    # ...and a short cue naming the fields ends the turn, after the inputs
     assert user["content"].startswith("Respond with a JSON object") and user["content"].endswith(
-        "[[ ## question ## ]]\n2 + 2?\n\nRespond with the JSON object (`answer`).")
+        "[[ ## question ## ]]\n2 + 2?")
     assert "`answer` (must be formatted as a valid Python int)" in user["content"]
 
 
@@ -85,8 +84,7 @@ def test_every_call_of_a_program_shares_the_prompt_up_to_its_inputs() -> None:
     assert first[:-1] == second[:-1]
     a, b = first[-1]["content"], second[-1]["content"]
     shared = len(os.path.commonprefix([a, b]))
-    cue = "\n\nRespond with the JSON object (`answer`)."
-    assert a[shared:] == "2 + 2?" + cue and b[shared:] == "What is the square root of 81?" + cue
+    assert a[shared:] == "2 + 2?" and b[shared:] == "What is the square root of 81?"
 
 
 def test_marker_format_matches_chat_adapter() -> None:

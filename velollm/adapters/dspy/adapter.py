@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 OutputFormat = Literal["json", "markers"]
 _FORMAT: ContextVar[OutputFormat | None] = ContextVar("velollm_adapter_format", default=None)
-#: the last line of a request's user turn (JSON format): it points the model back at the answer
-ANSWER_CUE = "Respond with the JSON object ({fields})."
 
 
 def _message_call(lm: Any, messages: list[dict[str, Any]]) -> Any:
@@ -196,15 +194,12 @@ class Adapter(ChatAdapter):
                                     suffix: str = "", main_request: bool = False) -> str:
         """DSPy's layout with the output requirements moved ahead of the inputs: they are the same
         on every call, so the prompt cache serves them and only the inputs are new prompt tokens
-        (under ``Evaluate`` or an optimizer, that halves the prefill of a short example). A short cue
-        naming the fields still ends the turn: a 0.5B model whose last words read were the inputs
-        scored 2 of 56 fewer on a bootstrapped ChainOfThought classifier (bench_parallel.py)."""
+        (under ``Evaluate`` or an optimizer, that halves the prefill of a short example)."""
         if not main_request or self.output_format == "markers":
             return super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
         requirements = self.user_message_output_requirements(signature)
         fields = super().format_user_message_content(signature, inputs, main_request=False)
-        cue = ANSWER_CUE.format(fields=", ".join(f"`{name}`" for name in signature.output_fields))
-        return "\n\n".join(part for part in (prefix, requirements, fields, suffix, cue) if part).strip()
+        return "\n\n".join(part for part in (prefix, requirements, fields, suffix) if part).strip()
 
     def user_message_output_requirements(self, signature: type[Signature]) -> str:
         if self.output_format == "markers":

@@ -133,6 +133,17 @@ class ConstraintPicker:
     def done(self) -> bool:
         return bool(self._state.done)
 
+    def take_forced(self) -> list[int]:
+        """Tokens the constraint forces next, already advanced (they are decoded later as one chunk)."""
+        if self._state.done:
+            return []
+        tokens = self._state.forced()
+        for token in tokens:
+            self._state.advance(token)
+            if self._chain is not None:
+                self._chain.accept(token)
+        return tokens
+
     def close(self) -> None:
         if self._chain is not None:
             self._chain.close()
@@ -833,11 +844,25 @@ class BatchDecoder:
             return
         if seq.first is None:
             seq.first = time.perf_counter()
-        # Tokens a constraint forces are picked like any other, under its mask, one per step: inserting
-        # llguidance's spelling of the forced text unasked gave the model tokens it would not have chosen,
-        # so a lone request's output differed from the single-sequence path's (on DSPy's ChainOfThought a
-        # 0.5B model then looped). A speculating sequence still drafts them and verifies them in one step.
-        self._emit(seq, token)
+        if self._emit(seq, token):
+            return
+        # While other sequences share the step, the run of tokens a constraint forces next is inserted at
+        # once (llguidance's spelling of the forced text) and decoded as one chunk: it saves every sequence
+        # steps. Alone, the model picks them under the mask like the single-sequence path, so a lone
+        # request gives that path's output (the inserted spelling is not always the model's: on DSPy's
+        # ChainOfThought a 0.5B model then looped); a speculating sequence drafts and verifies them instead.
+        take_forced = getattr(seq.picker, "take_forced", None)
+        if take_forced is None or seq.logprobs is not None or len(self._running) < 2:
+            return
+        try:
+            forced = take_forced()
+        except Exception as exc:
+            self._fail(seq, exc if isinstance(exc, VeloError) else GenerationError(
+                f"constraint failed: {type(exc).__name__}: {exc}"))
+            return
+        for token in forced:
+            if self._emit(seq, token):
+                return
 
     def _emit(self, seq: Sequence, token: int) -> bool:
         """Append one chosen token and stream its text; True when the sequence finished."""
