@@ -18,7 +18,8 @@ dozen worked steps ("Step 7: add 7, giving 28.") pass.
   ``long_repeats`` times: a ChainOfThought reasoning of 110 tokens that ends by starting itself
   over ran to ``max_tokens`` before this. Two identical functions or blocks pass.
 
-One step costs ``O(max_long_period)``.
+One step costs ``O(max_period)`` plus the earlier places of the same token within
+``max_long_period``.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ class LoopDetector:
         self.tokens: list[int] = []
         self.norm: list[int] = []
         # per period p: how many consecutive latest positions i have tokens[i] == tokens[i - p]
-        self.exact = [0] * (self.max_long_period + 1)
+        self.exact = [0] * (self.max_period + 1)
         self.counting = [0] * (self.max_period + 1)
+        self.places: dict[int, list[int]] = {}  # token -> the indexes it stands at (long periods)
+        self.long_runs: dict[int, tuple[int, int]] = {}  # long period p -> (last index of its run, run length)
         self.looping = False
         self.period = 0
 
@@ -91,12 +94,19 @@ class LoopDetector:
             self.counting[p] = self.counting[p] + 1 if self.norm[-1] == self.norm[-1 - p] else 0
             if not self.looping and self._degenerate(p):
                 self.looping, self.period = True, p
-        tokens, exact, last = self.tokens, self.exact, token
-        for p in range(self.max_period + 1, min(self.max_long_period, n - 1) + 1):
-            run = exact[p] + 1 if tokens[-1 - p] == last else 0
-            exact[p] = run
+        i, places = n - 1, self.places.setdefault(token, [])
+        for j in reversed(places):  # only periods at which this token repeats can extend a run
+            p = i - j
+            if p > self.max_long_period:
+                break
+            if p <= self.max_period:
+                continue
+            last, run = self.long_runs.get(p, (-2, 0))
+            run = run + 1 if last == i - 1 else 1
+            self.long_runs[p] = (i, run)
             if run >= (self.long_repeats - 1) * p and not self.looping:
                 self.looping, self.period = True, p
+        places.append(i)
         return self.looping
 
     def _degenerate(self, p: int) -> bool:
