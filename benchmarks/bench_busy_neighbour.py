@@ -43,11 +43,12 @@ def _default_threads(model: str) -> int:
     return place(info, hardware.probe(), None, {"llamacpp-cpu": LlamaCppBackend("cpu")}).n_threads
 
 
-def _generate(model: str, threads: int, tokens: int, runs: int) -> list[float]:
+def _generate(model: str, threads: int, tokens: int, runs: int, parallel: int) -> list[float]:
     from velollm import models
     from velollm.plugins.llamacpp import LlamaCppBackend
 
-    engine = LlamaCppBackend("cpu").load(models.resolve(model).path, LoadOptions(n_ctx=512, n_threads=threads))
+    options = LoadOptions(n_ctx=512 * parallel, n_threads=threads, parallel=parallel)
+    engine = LlamaCppBackend("cpu").load(models.resolve(model).path, options)
     request = GenerationRequest.of(prompt="Once upon a time", max_tokens=tokens, temperature=0.0, stop=[])
     try:
         engine.generate(request)  # warm-up (page in the weights)
@@ -64,10 +65,17 @@ def _generate(model: str, threads: int, tokens: int, runs: int) -> list[float]:
         engine.close()
 
 
-def _measure(model: str, threads: int, policy: str, tokens: int, runs: int, timeout: float) -> float:
-    """Median seconds of ``runs`` generations in a fresh process with ``OMP_WAIT_POLICY=policy``."""
-    env = {**os.environ, "OMP_WAIT_POLICY": policy}
-    cmd = [sys.executable, __file__, "--worker", model, str(threads), str(tokens), str(runs)]
+def _measure(model: str, threads: int, policy: str, tokens: int, runs: int, timeout: float, parallel: int) -> float:
+    """Median seconds of ``runs`` generations in a fresh process with ``OMP_WAIT_POLICY=policy``.
+
+    ``policy`` may carry a libgomp spin count: ``PASSIVE:30000`` also sets ``GOMP_SPINCOUNT=30000``.
+    """
+    policy, _, spins = policy.partition(":")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env["OMP_WAIT_POLICY"] = policy
+    if spins:
+        env["GOMP_SPINCOUNT"] = spins
+    cmd = [sys.executable, __file__, "--worker", model, str(threads), str(tokens), str(runs), str(parallel)]
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -77,15 +85,18 @@ def _measure(model: str, threads: int, policy: str, tokens: int, runs: int, time
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        model, threads, tokens, runs = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        print(statistics.median(_generate(model, threads, tokens, runs)))
+        model, threads, tokens, runs, parallel = sys.argv[2], *map(int, sys.argv[3:7])
+        print(statistics.median(_generate(model, threads, tokens, runs, parallel)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--threads", nargs="+", default=["1", "default"])
-    parser.add_argument("--policies", nargs="+", default=["PASSIVE", "ACTIVE"])
+    parser.add_argument("--policies", nargs="+", default=["PASSIVE", "ACTIVE"],
+                        help="OMP_WAIT_POLICY values, each optionally with :GOMP_SPINCOUNT (PASSIVE:30000)")
     parser.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the generation")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="LoadOptions.parallel: 1 decodes alone; more takes the batch decoder (its thread tuner)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300, help="seconds before a configuration counts as inf")
     args = parser.parse_args()
@@ -95,18 +106,18 @@ def main() -> None:
     for label in args.threads:
         threads = default if label == "default" else int(label)
         for policy in args.policies:
-            idle = _measure(args.model, threads, policy, args.tokens, args.runs, args.timeout)
+            idle = _measure(args.model, threads, policy, args.tokens, args.runs, args.timeout, args.parallel)
             stop = multiprocessing.Event()
             spinners = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(args.busy)]
             for p in spinners:
                 p.start()
             try:
-                busy = _measure(args.model, threads, policy, args.tokens, args.runs, args.timeout)
+                busy = _measure(args.model, threads, policy, args.tokens, args.runs, args.timeout, args.parallel)
             finally:
                 stop.set()
                 for p in spinners:
                     p.join(5)
-            print(f"threads={threads:<2} ({label:>7}) OMP_WAIT_POLICY={policy:<7}: idle {idle:6.2f} s  "
+            print(f"threads={threads:<2} ({label:>7}) OMP_WAIT_POLICY={policy:<13}: idle {idle:6.2f} s  "
                   f"with {args.busy} busy: {busy:6.2f} s  ratio {busy / idle:5.1f}x  "
                   f"({args.tokens} tokens, median of {args.runs})", flush=True)
     print(f"uptime: {os.popen('uptime').read().strip()}")

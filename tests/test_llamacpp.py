@@ -229,3 +229,23 @@ def test_live_registry_here_is_cpu_only() -> None:
     registry = read_registry()
     assert registry.error is None and "CPU" in registry.backends
     assert LlamaCppBackend("cpu").available(probe_with(registry))[0]
+
+
+def test_a_lone_engine_measures_its_thread_count_and_says_the_same(gemma_path) -> None:
+    """With two threads configured, one-request-at-a-time decoding (parallel=1) tries both counts and
+    keeps measuring (velollm.plugins.llamacpp.threads); which count runs never changes the tokens."""
+    from velollm.engine import LoadOptions
+
+    tuned = LlamaCppBackend("cpu").load(gemma_path, LoadOptions(n_ctx=512, n_threads=2, parallel=1))
+    fixed = LlamaCppBackend("cpu").load(gemma_path, LoadOptions(n_ctx=512, n_threads=1, parallel=1))
+    try:
+        request = req(prompt="The three primary colors are", temperature=0.0, max_tokens=24, stop=[])
+        text = tuned.generate(request).text
+        tuner = tuned._get_runner().tuner
+        assert tuner is not None and set(tuner.cost) == {1, 2}, tuner.cost  # both measured, in real decodes
+        assert all(cost > 0 for cost in tuner.cost.values())
+        assert fixed._get_runner().tuner is None  # one thread: nothing to choose
+        assert fixed.generate(request).text == text  # a row's dot product is one thread's work either way
+    finally:
+        tuned.close()
+        fixed.close()

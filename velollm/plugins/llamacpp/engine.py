@@ -42,6 +42,7 @@ from velollm.limits import check_grammar
 from velollm.logprobs import recorder_for
 from velollm.plugins.llamacpp import log as llamacpp_log
 from velollm.plugins.llamacpp.sampling import SequenceSampler, is_greedy, random_seed
+from velollm.plugins.llamacpp.threads import ThreadTuner
 from velollm.textstream import TokenTextStream
 
 #: ``GenerationRequest.extra`` keys this engine understands (anything else is refused)
@@ -355,7 +356,11 @@ class LlamaCppEngine:
         from velollm.plugins.llamacpp.runner import LlamaRunner
 
         if self._runner is None:
-            self._runner = LlamaRunner(self._llama)
+            # the thread count adapts to the machine's load (.threads), unless speculation shares this
+            # context: its batch-cost table was timed at the configured count
+            n_threads = int(self._llama.n_threads)
+            adapt = self._speculator is None and n_threads > 1
+            self._runner = LlamaRunner(self._llama, tuner=ThreadTuner(n_threads) if adapt else None)
         return self._runner
 
     def _vanilla_groups(self, request: GenerationRequest, prompt: list[int], grammar: Any, seed: int,

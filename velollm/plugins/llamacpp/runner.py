@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from velollm.errors import GenerationError
+from velollm.plugins.llamacpp.threads import ThreadTuner
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -42,7 +43,8 @@ class ContextRunner:
     batch-cost table through one on a spare sequence id of its context.
     """
 
-    def __init__(self, llama: Any, ctx: Any, batch: Any, *, n_batch: int, n_ctx: int, seq: int = 0) -> None:
+    def __init__(self, llama: Any, ctx: Any, batch: Any, *, n_batch: int, n_ctx: int, seq: int = 0,
+                 tuner: ThreadTuner | None = None) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -56,6 +58,7 @@ class ContextRunner:
         self.n_vocab = int(llama.n_vocab())
         self.kv: list[int] = []  # mirror of what the KV cache holds for ``seq``
         self.evaluated = 0  # tokens evaluated so far (a draft model's cost)
+        self.tuner = tuner  # picks each decode's thread count (None: the context's own, fixed)
 
     # --- state ------------------------------------------------------------------------------
     def truncate(self, n: int) -> None:
@@ -104,9 +107,13 @@ class ContextRunner:
                 batch.n_seq_id[i] = 1
                 batch.logits[i] = all_logits
             batch.logits[n - 1] = True
+            if self.tuner is not None:
+                self.tuner.before(lambda k: lib.llama_set_n_threads(self.ctx, k, k))
             start = time.perf_counter()
             rc = lib.llama_decode(self.ctx, batch)
             elapsed = time.perf_counter() - start
+            if self.tuner is not None and rc == 0:
+                self.tuner.after(elapsed, n)
             if rc != 0:
                 # the failed batch may have left part of itself in the cache: drop it
                 lib.llama_memory_seq_rm(self.memory, self.seq, n_past, -1)
@@ -149,9 +156,9 @@ class ContextRunner:
 class LlamaRunner(ContextRunner):
     """The ``Llama``'s own context (sequence 0), its bookkeeping (``n_tokens``, ``input_ids``) kept true."""
 
-    def __init__(self, llama: Any) -> None:
+    def __init__(self, llama: Any, *, tuner: ThreadTuner | None = None) -> None:
         super().__init__(llama, llama._ctx.ctx, llama._batch.batch, n_batch=int(llama.n_batch),
-                         n_ctx=int(llama.n_ctx()))
+                         n_ctx=int(llama.n_ctx()), tuner=tuner)
         self.refresh()
 
     def refresh(self) -> None:
