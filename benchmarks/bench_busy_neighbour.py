@@ -3,13 +3,15 @@
 llama.cpp's worker threads meet at an OpenMP barrier after every operation of the graph; libgomp's
 default policy spins there. When another process holds one of the cores, a spinning thread keeps
 its core while the thread it waits for sits out a time slice, and a generation can get 20x slower.
-velollm sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise
-(:mod:`velollm.plugins.llamacpp.openmp`). This script runs the same greedy generation with the
+velollm sets ``OMP_WAIT_POLICY=ACTIVE`` with ``GOMP_SPINCOUNT=10000`` unless the environment names
+either (:mod:`velollm.plugins.llamacpp.openmp`), and its thread tuner drops to fewer threads while
+they cost more. This script runs the same greedy generation with the
 machine idle and with a busy loop in another process (one per ``--busy``), per thread count and
 wait policy (each in a fresh process: libgomp reads the policy once), and prints busy / idle.
-The default (placement's ``n_threads``, PASSIVE) must keep that ratio under about 2.
+The default (placement's ``n_threads``, ACTIVE:10000) must keep that ratio under about 2.
 
-    .venv/bin/python benchmarks/bench_busy_neighbour.py --threads 1 default --policies PASSIVE ACTIVE
+    .venv/bin/python benchmarks/bench_busy_neighbour.py --threads 1 default \
+        --policies ACTIVE:10000 PASSIVE ACTIVE [--parallel 4]
 
 Report ``uptime`` with the numbers: on a machine shared with other work, "idle" is not idle.
 """
@@ -91,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--threads", nargs="+", default=["1", "default"])
-    parser.add_argument("--policies", nargs="+", default=["PASSIVE", "ACTIVE"],
+    parser.add_argument("--policies", nargs="+", default=["ACTIVE:10000", "PASSIVE", "ACTIVE"],
                         help="OMP_WAIT_POLICY values, each optionally with :GOMP_SPINCOUNT (PASSIVE:30000)")
     parser.add_argument("--busy", type=int, default=1, help="busy-loop processes beside the generation")
     parser.add_argument("--tokens", type=int, default=64)

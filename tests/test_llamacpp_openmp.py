@@ -21,7 +21,7 @@ def _env(**given: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("given", "expected"), [
-    ({}, "PASSIVE 10000"),  # velollm's default: a short spin, then sleep
+    ({}, "ACTIVE 10000"),  # velollm's default: a short spin (kept with many threads), then sleep
     ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),  # the user's policy, and libgomp's spin for it
     ({"GOMP_SPINCOUNT": "5"}, "None 5"),  # the user's spin count alone: velollm adds nothing
 ])
@@ -39,4 +39,4 @@ def test_the_policy_is_set_before_llama_cpp_loads() -> None:
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "PASSIVE", "10000"]  # set while llama_cpp was not loaded yet
+    assert out.stdout.split() == ["False", "ACTIVE", "10000"]  # set while llama_cpp was not loaded yet
