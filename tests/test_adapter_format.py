@@ -87,6 +87,17 @@ def test_every_call_of_a_program_shares_the_prompt_up_to_its_inputs() -> None:
     assert a[shared:] == "2 + 2?" and b[shared:] == "What is the square root of 81?"
 
 
+def test_free_text_first_keeps_dspys_order_requirements_after_the_inputs() -> None:
+    """ChainOfThought's reasoning comes first: the requirements stay between the inputs and the answer
+    (a small model's free text copies what it read last), as JSONAdapter writes it."""
+    cot = dspy.ChainOfThought(QA).predict.signature
+    ours = velollm.Adapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
+    theirs = dspy.JSONAdapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
+    assert ours == theirs
+    assert ours.startswith("[[ ## question ## ]]\n2 + 2?") and ours.endswith(
+        "`reasoning`, then `answer` (must be formatted as a valid Python int).")
+
+
 def test_marker_format_matches_chat_adapter() -> None:
     ours = velollm.Adapter(constrained=False).format(QA, DEMOS, {"question": "2 + 2?"})
     assert ours == dspy.ChatAdapter().format(QA, DEMOS, {"question": "2 + 2?"})

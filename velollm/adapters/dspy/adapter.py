@@ -195,7 +195,7 @@ class Adapter(ChatAdapter):
         """DSPy's layout with the output requirements moved ahead of the inputs: they are the same
         on every call, so the prompt cache serves them and only the inputs are new prompt tokens
         (under ``Evaluate`` or an optimizer, that halves the prefill of a short example)."""
-        if not main_request or self.output_format == "markers":
+        if not main_request or self.output_format == "markers" or _writes_free_text_first(signature):
             return super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
         requirements = self.user_message_output_requirements(signature)
         fields = super().format_user_message_content(signature, inputs, main_request=False)
@@ -341,3 +341,18 @@ class _Attempts:
         except AdapterParseError as exc:
             self.failure = exc
             raise
+
+
+def _writes_free_text_first(signature: type[Signature]) -> bool:
+    """The first output is free text (ChainOfThought's ``reasoning``, an answer string).
+
+    Free text is where a small model copies what it saw last. With the requirements line between
+    the demos and the inputs, Qwen 0.5B's bootstrapped ChainOfThought reasoning picked up that line
+    and DSPy's "Not supplied" placeholder, and the compiled classifier missed 4 of 56 answers
+    where JSONAdapter missed 1. In DSPy's order (requirements last) it bootstrapped the same demos
+    as JSONAdapter and missed the same one (benchmarks/bench_parallel.py --bootstrap). That order
+    costs the ~30 uncached requirement tokens per call; a free-text answer's own length dwarfs
+    them, and a typed first output (a Literal, a number) cannot copy, so it keeps the cached layout.
+    """
+    first = next(iter(signature.output_fields.values()), None)
+    return first is not None and first.annotation is str
