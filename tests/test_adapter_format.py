@@ -87,15 +87,19 @@ def test_every_call_of_a_program_shares_the_prompt_up_to_its_inputs() -> None:
     assert a[shared:] == "2 + 2?" and b[shared:] == "What is the square root of 81?"
 
 
-def test_free_text_first_keeps_dspys_order_requirements_after_the_inputs() -> None:
-    """ChainOfThought's reasoning comes first: the requirements stay between the inputs and the answer
-    (a small model's free text copies what it read last), as JSONAdapter writes it."""
+def test_free_text_first_ends_the_turn_with_a_cue_after_the_inputs() -> None:
+    """ChainOfThought's reasoning comes first: a short cue follows the inputs (a small model's free
+    text copies what it read last), and the requirements stay ahead where the cache serves them."""
+    from velollm.adapters.dspy.adapter import FREE_TEXT_CUE
+
     cot = dspy.ChainOfThought(QA).predict.signature
-    ours = velollm.Adapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
-    theirs = dspy.JSONAdapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
-    assert ours == theirs
-    assert ours.startswith("[[ ## question ## ]]\n2 + 2?") and ours.endswith(
-        "`reasoning`, then `answer` (must be formatted as a valid Python int).")
+    first = velollm.Adapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
+    second = velollm.Adapter().format(cot, DEMOS, {"question": "3 + 5?"})[-1]["content"]
+    assert first.startswith("Respond with a JSON object in the following order of fields: `reasoning`, then `answer`")
+    assert first.endswith("[[ ## question ## ]]\n2 + 2?\n\n" + FREE_TEXT_CUE)
+    assert os.path.commonprefix([first, second]) == first[:first.index("2 + 2?")]
+    plain = velollm.Adapter().format(QA, DEMOS, {"question": "2 + 2?"})[-1]["content"]
+    assert FREE_TEXT_CUE not in plain  # a typed first output gets no cue
 
 
 def test_marker_format_matches_chat_adapter() -> None:

@@ -195,11 +195,12 @@ class Adapter(ChatAdapter):
         """DSPy's layout with the output requirements moved ahead of the inputs: they are the same
         on every call, so the prompt cache serves them and only the inputs are new prompt tokens
         (under ``Evaluate`` or an optimizer, that halves the prefill of a short example)."""
-        if not main_request or self.output_format == "markers" or _writes_free_text_first(signature):
+        if not main_request or self.output_format == "markers":
             return super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
         requirements = self.user_message_output_requirements(signature)
         fields = super().format_user_message_content(signature, inputs, main_request=False)
-        return "\n\n".join(part for part in (prefix, requirements, fields, suffix) if part).strip()
+        cue = FREE_TEXT_CUE if _writes_free_text_first(signature) else ""
+        return "\n\n".join(part for part in (prefix, requirements, fields, cue, suffix) if part).strip()
 
     def user_message_output_requirements(self, signature: type[Signature]) -> str:
         if self.output_format == "markers":
@@ -343,16 +344,21 @@ class _Attempts:
             raise
 
 
+#: Closes the last user turn when the first output is free text (see :func:`_writes_free_text_first`).
+FREE_TEXT_CUE = "Now respond with the JSON object."
+
+
 def _writes_free_text_first(signature: type[Signature]) -> bool:
     """The first output is free text (ChainOfThought's ``reasoning``, an answer string).
 
-    Free text is where a small model copies what it saw last. With the requirements line between
-    the demos and the inputs, Qwen 0.5B's bootstrapped ChainOfThought reasoning picked up that line
-    and DSPy's "Not supplied" placeholder, and the compiled classifier missed 4 of 56 answers
-    where JSONAdapter missed 1. In DSPy's order (requirements last) it bootstrapped the same demos
-    as JSONAdapter and missed the same one (benchmarks/bench_parallel.py --bootstrap). That order
-    costs the ~30 uncached requirement tokens per call; a free-text answer's own length dwarfs
-    them, and a typed first output (a Literal, a number) cannot copy, so it keeps the cached layout.
+    Free text is where a small model copies what it read last. When the turn ended with the
+    inputs, Qwen 0.5B's bootstrapped ChainOfThought reasoning ran on from the copied input into
+    the requirements line and DSPy's "Not supplied" placeholder, and the compiled classifier
+    missed 4 of 56 answers where JSONAdapter missed 1. A short cue after the inputs gives it
+    JSONAdapter's clean demos (2 of 56 missed) for ~8 uncached tokens per call. Moving the whole
+    requirements line after the inputs, as DSPy does, also worked (1 missed) but cost ~30 tokens
+    per call and doubled the Evaluate time (benchmarks/bench_parallel.py --bootstrap). A typed first
+    output (a Literal, a number) cannot copy, so it gets no cue.
     """
     first = next(iter(signature.output_fields.values()), None)
     return first is not None and first.annotation is str
