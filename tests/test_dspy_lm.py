@@ -157,3 +157,31 @@ def test_structured_outputs_decide_the_adapters_plan() -> None:
     assert not plain.supports_response_schema and "response_format" not in plain.supported_params
     assert velollm.Adapter().plan(plain, {}, signature) == ("markers", None)
     assert velollm.Adapter(unconstrained_format="json").plan(plain, {}, signature) == ("json", None)
+
+
+def test_the_fixed_json_layout_goes_to_velollm_engines_only() -> None:
+    """llguidance's layout options ride in the schema for velollm.LM; any other LM gets plain JSON Schema,
+    and the remote backend strips them before a request leaves the process."""
+    from velollm.adapters.dspy.schema import FIXED_LAYOUT
+
+    signature = dspy.Predict("question -> answer: int").signature
+    _, ours = velollm.Adapter().plan(lm(), {}, signature)
+    assert ours["json_schema"]["schema"]["x-guidance"] == FIXED_LAYOUT
+
+    class OtherProvider:  # what DSPy's own LM says for a provider with structured outputs
+        supports_response_schema = True
+
+    _, theirs = velollm.Adapter().plan(OtherProvider(), {}, signature)
+    assert theirs is not None and "x-guidance" not in theirs["json_schema"]["schema"]
+
+
+def test_velollm_adapter_answers_in_the_fixed_layout() -> None:
+    """``{"answer": 5}``: json.dumps's separators and no other whitespace (the batch inserts what is forced)."""
+    import json
+
+    model = lm(cache=False)
+    with dspy.context(lm=model, adapter=velollm.Adapter()):
+        prediction = dspy.Predict("question -> answer: int")(question="What is 2 + 3?")
+    raw = model.history[-1]["outputs"][0]
+    assert isinstance(prediction.answer, int)
+    assert raw == json.dumps(json.loads(raw)), raw

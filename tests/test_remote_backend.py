@@ -172,6 +172,11 @@ def test_json_schema_is_forwarded(server: Server, keyed: None, pool: ModelPool) 
             messages=[{"role": "user", "content": "Name the capital of Italy as JSON."}], max_tokens=16,
             temperature=0, json_schema=schema))
     jsonschema.validate(json.loads(completion.text), schema)
+    # velollm.Adapter's llguidance layout options are velollm's, not JSON Schema: they never leave
+    with pool.engine(f"remote:{server.base_url}#qwen") as engine:
+        request = GenerationRequest.of(prompt="x", json_schema={**schema, "x-guidance": {"whitespace_flexible": False}})
+        _, body = engine.raw._body_for(request, stream=False)  # the body the remote would receive
+    assert "x-guidance" not in json.dumps(body) and body["response_format"]["json_schema"]["schema"] == schema
 
 
 @pytest.mark.slow

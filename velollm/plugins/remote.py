@@ -341,6 +341,11 @@ class RemoteEngine:
             raise UnsupportedFeature(f"{self._where()} is not configured for grammars (set grammar: true)")
         if request.json_schema is not None and not self.capabilities.json_schema:
             raise UnsupportedFeature(f"{self._where()} is not configured for JSON schemas")
+        if request.json_schema is not None and "x-guidance" in request.json_schema:
+            # llguidance's layout options (velollm.Adapter sends them to velollm's engines) are not JSON
+            # Schema: a strict server (OpenAI's) refuses unknown keywords
+            request = request.model_copy(update={"json_schema": {
+                k: v for k, v in request.json_schema.items() if k != "x-guidance"}})
         for name, asked in (("logprobs", request.logprobs), ("tools", request.tools), ("suffix", request.suffix)):
             if asked:  # not passed on (yet): refused rather than silently dropped
                 raise UnsupportedFeature(f"the remote backend does not pass '{name}' on to {self._where()}")

@@ -99,7 +99,7 @@ class Adapter(ChatAdapter):
         if not self.constrained or "response_format" in lm_kwargs or not getattr(lm, "supports_response_schema", False):
             return self.unconstrained_format, None
         try:
-            return "json", schema.response_format(signature)
+            return "json", schema.response_format(signature, fixed_layout=_fixed_layout(lm))
         except schema.SchemaUnavailable as exc:
             warnings.warn(f"velollm.Adapter: cannot constrain {signature.__name__} ({exc}); "
                           "generating without a schema", RuntimeWarning, stacklevel=3)
@@ -113,7 +113,7 @@ class Adapter(ChatAdapter):
             fmt, response_format = force, None
             if force == "json" and not streaming.streaming_now() and getattr(lm, "supports_response_schema", False):
                 with contextlib.suppress(schema.SchemaUnavailable):
-                    response_format = schema.response_format(signature)
+                    response_format = schema.response_format(signature, fixed_layout=_fixed_layout(lm))
         processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
         token = _FORMAT.set(fmt)
         try:
@@ -228,33 +228,9 @@ class Adapter(ChatAdapter):
         return parsing.parse_completion(signature, completion)
 
 
-class _Attempts:
-    """One prediction's attempts, shared by the sync and async calls: prepared once, feedback carried over."""
-
-    def __init__(self, adapter: Adapter, lm: Any, lm_kwargs: dict[str, Any], signature: type[Signature],
-                 demos: list[dict[str, Any]], inputs: dict[str, Any]) -> None:
-        self.adapter, self.lm, self.lm_kwargs = adapter, lm, lm_kwargs
-        self.args = (signature, demos, inputs)
-        self.prepared: tuple[Any, list[dict[str, Any]], dict[str, Any], Any] | None = None
-        self.feedback: list[dict[str, Any]] = []
-
-    def prepare(self) -> None:
-        if self.prepared is None:
-            self.prepared = self.adapter._prepare(self.lm, self.lm_kwargs, *self.args)
-
-    def next_messages(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        assert self.prepared is not None
-        _, messages, kwargs, _ = self.prepared
-        return messages + self.feedback, kwargs
-
-    def parse(self, outputs: Any) -> list[dict[str, Any]]:
-        assert self.prepared is not None
-        processed, _, _, fmt = self.prepared
-        try:
-            return self.adapter._call_postprocess(processed, self.args[0], outputs, self.lm, self.lm_kwargs)
-        except AdapterParseError as exc:
-            self.feedback = self.adapter.feedback(processed, exc, fmt)
-            raise
+def _fixed_layout(lm: Any) -> bool:
+    """Whether the LM's engines take llguidance's layout options (velollm.LM says so)."""
+    return getattr(lm, "fixed_json_layout", False) is True
 
 
 def _lm_retries(lm: Any) -> int:

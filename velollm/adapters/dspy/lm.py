@@ -226,6 +226,9 @@ class LM(dspy.LM):
     (JSONAdapter, velollm.Adapter) generate without a grammar.
     """
 
+    #: velollm.Adapter may send llguidance's layout options in the schema (adapters/dspy/schema.py)
+    fixed_json_layout = True
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,

@@ -57,7 +57,22 @@ def output_schema(signature: type[Signature]) -> dict[str, Any]:
     return schema
 
 
-def response_format(signature: type[Signature]) -> dict[str, Any]:
-    """The OpenAI-style ``response_format`` DSPy carries to engines as ``Config.response_format``."""
-    return {"type": "json_schema", "json_schema": {"name": "outputs", "schema": output_schema(signature),
-                                                   "strict": True}}
+#: llguidance's layout for an answer from velollm's own engines: ``{"a": 1, "b": [1, 2]}`` (json.dumps's
+#: separators) and no other whitespace. Then the text between two values is forced (the keys and the
+#: punctuation), so batch decoding inserts it at once instead of a step per optional space, and
+#: fewer tokens are written. Qwen 0.5B otherwise chose ``{ "a": 1 }``: of its 9 tokens for a Literal
+#: answer, 4 were such choices. 32 DSPy calls at 8 threads: 4.3-4.8 s instead of 6.2-6.5 s.
+FIXED_LAYOUT: dict[str, Any] = {"whitespace_flexible": False, "whitespace_pattern": None,
+                                "key_separator": ": ", "item_separator": ", "}
+
+
+def response_format(signature: type[Signature], *, fixed_layout: bool = False) -> dict[str, Any]:
+    """The OpenAI-style ``response_format`` DSPy carries to engines as ``Config.response_format``.
+
+    ``fixed_layout`` adds :data:`FIXED_LAYOUT` as the schema's ``x-guidance`` (velollm's engines read
+    it; another provider's schema stays plain JSON Schema).
+    """
+    schema = output_schema(signature)
+    if fixed_layout:
+        schema["x-guidance"] = dict(FIXED_LAYOUT)
+    return {"type": "json_schema", "json_schema": {"name": "outputs", "schema": schema, "strict": True}}
