@@ -2,7 +2,7 @@
 JSONAdapter on plain llama-cpp-python, same model, greedy, DSPy's cache off, in one run.
 
     .venv/bin/python benchmarks/dspy_suite.py [--model qwen2.5-coder-0.5b-instruct] [--only velollm]
-                                              [--backend native] [--max-tokens 512] [--cases 41]
+                                              [--backend native-cpu] [--max-tokens 512] [--cases 41]
 
 Per output type (str, Literal, int, float, bool, list[int], list[str], dict[str, int], pydantic
 model, nested model, two outputs, ChainOfThought) the table shows correct answers; per system the
@@ -168,7 +168,7 @@ def systems(model: str, max_tokens: int, threads: int | None, backend: str | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--backend", default=None, help="velollm backend (e.g. native)")
+    parser.add_argument("--backend", default=None, help="velollm backend (e.g. native-cpu)")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="systems (substring match)")
