@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 OutputFormat = Literal["json", "markers"]
 _FORMAT: ContextVar[OutputFormat | None] = ContextVar("velollm_adapter_format", default=None)
+#: Closes the last user turn when the first output is free text (see :func:`_writes_free_text_first`).
+FREE_TEXT_CUE = "Now respond with the JSON object."
 
 
 def _message_call(lm: Any, messages: list[dict[str, Any]]) -> Any:
@@ -318,10 +320,6 @@ class _Attempts:
         except AdapterParseError as exc:
             self.failure = exc
             raise
-
-
-#: Closes the last user turn when the first output is free text (see :func:`_writes_free_text_first`).
-FREE_TEXT_CUE = "Now respond with the JSON object."
 
 
 def _writes_free_text_first(signature: type[Signature]) -> bool:
