@@ -36,6 +36,13 @@ RUNGS: list[tuple[str, str]] = [
     ("after the ggml registry read", "from velollm.plugins.llamacpp.registry import read_registry; "
                                      "print(read_registry().devices); plain(False)"),
     ("after the hardware probe (NVML)", "from velollm.loading import probe_machine; probe_machine(); plain(False)"),
+    ("plain Llama with velollm's load_kwargs",
+     "from llama_cpp import Llama\nfrom velollm.engine import LoadOptions\nfrom velollm.gguf import info\n"
+     "from velollm.plugins.llamacpp.engine import load_kwargs\n"
+     "kw = load_kwargs(info.inspect(path), LoadOptions(n_gpu_layers=layers, n_ctx=512), offload=True)\n"
+     "print('kwargs', kw)\nllm = Llama(model_path=str(path), **kw)\n"
+     "print('generated', llm.create_completion('The quick brown fox', max_tokens=4, temperature=0)"
+     "['usage']['completion_tokens'])"),
     ("velollm backend load, parallel=1",
      "from velollm.engine import LoadOptions, GenerationRequest\nfrom velollm.host import get_host\n"
      "import os\nbackend = os.environ.get('VELOLLM_EXPECT_BACKEND', 'llamacpp-cuda')\n"
@@ -49,13 +56,36 @@ RUNGS: list[tuple[str, str]] = [
      "e = get_host().backend(p.plan.backend).load(path, p.load_options)\n"
      "print('generated', e.generate(GenerationRequest(prompt='The quick brown fox', max_tokens=4, temperature=0))"
      ".usage.completion_tokens)"),
+    ("the pool's route (test_gpu_backend_is_selected_automatically)",
+     "from velollm.engine import GenerationRequest\nfrom velollm.pool import ModelPool\n"
+     "pool = ModelPool(keep_alive=0)\nwith pool.engine(str(path)) as e:\n"
+     "    print(e.backend, 'generated', e.generate(GenerationRequest(prompt='The quick brown fox', max_tokens=4, "
+     "temperature=0)).usage.completion_tokens)\npool.close()"),
 ]
+
+#: one of velollm's load_kwargs at a time on top of the plain load, when the load_kwargs rung dies
+BISECT = (
+    "from llama_cpp import Llama\nfrom velollm.engine import LoadOptions\nfrom velollm.gguf import info\n"
+    "from velollm.plugins.llamacpp.engine import load_kwargs\n"
+    "kw = load_kwargs(info.inspect(path), LoadOptions(n_gpu_layers=layers, n_ctx=512), offload=True)\n"
+    "key = {key!r}\nprint('only', key, kw[key])\n"
+    "llm = Llama(model_path=str(path), n_gpu_layers=layers, n_ctx=512, verbose=False, **{{key: kw[key]}})\n"
+    "print('generated', llm.create_completion('The quick brown fox', max_tokens=4, temperature=0)"
+    "['usage']['completion_tokens'])"
+)
+BISECT_KEYS = ("n_threads", "n_threads_batch", "use_mmap", "use_mlock", "numa", "n_batch", "flash_attn",
+               "type_k", "type_v")
+
+
+def debugger() -> str | None:
+    """gdb, or NVIDIA's cuda-gdb (the GPU machines here have only that; it debugs host code too)."""
+    return shutil.which("gdb") or shutil.which("cuda-gdb")
 
 
 def run(code: str, model: str, layers: int, timeout: int, gdb: bool = False) -> tuple[int, str]:
     argv = [sys.executable, "-X", "faulthandler", "-c", PRELUDE + code, model, str(layers)]
     if gdb:
-        argv = ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", *argv]
+        argv = [debugger(), "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", *argv]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * (3 if gdb else 1))
     except subprocess.TimeoutExpired:
@@ -75,9 +105,16 @@ def main() -> int:
         last = [ln for ln in text.splitlines() if ln.startswith("generated")]
         print(f"{'ok  ' if rc == 0 else 'DEAD'} rc={rc:<4} {name}: {last[-1] if last else text.strip()[-300:]}",
               flush=True)
+        if rc != 0:
+            print("    " + "\n    ".join(text.strip().splitlines()[-25:]), flush=True)
         if rc != 0 and first_dead is None:
             first_dead = (name, code)
-    if first_dead and shutil.which("gdb"):
+        if rc != 0 and "load_kwargs" in name:
+            for key in BISECT_KEYS:
+                rc_k, text_k = run(BISECT.format(key=key), args.model, args.layers, args.timeout)
+                print(f"  {'ok  ' if rc_k == 0 else 'DEAD'} rc={rc_k:<4} only {key}: {text_k.strip()[-200:]!r}",
+                      flush=True)
+    if first_dead and debugger():
         name, code = first_dead
         rc, text = run(code, args.model, args.layers, args.timeout, gdb=True)
         print(f"--- gdb, {name} (rc {rc}):")
