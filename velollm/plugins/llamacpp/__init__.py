@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from velollm.hookspecs import hookimpl
-from velollm.plugins.llamacpp import openmp  # noqa: F401  (first: the wait policy must precede libgomp)
+from velollm.plugins.llamacpp import (
+    openmp,  # noqa: F401  (first: the wait policy must precede libgomp)
+    preload,  # noqa: F401  (before llama_cpp: libstdc++ must be global first)
+)
 from velollm.plugins.llamacpp.backend import KINDS, LlamaCppBackend, registry_from_probe, supported_architectures
 from velollm.plugins.llamacpp.engine import LlamaCppEngine, default_threads, schema_to_gbnf
 from velollm.plugins.llamacpp.registry import read_registry
