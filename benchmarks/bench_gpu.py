@@ -49,7 +49,8 @@ def load(path: Path, backend: str, n_ctx: int) -> tuple[Any, Any, Any]:
     from velollm.plugins.llamacpp import loadreport
     from velollm.plugins.llamacpp import log as llamacpp_log
 
-    prepared = prepare(path, backend=backend, options=LoadOptions(n_ctx=n_ctx))
+    # one sequence: the rates are the single-stream runner's, on the Llama's own full-size context
+    prepared = prepare(path, backend=backend, options=LoadOptions(n_ctx=n_ctx, parallel=1))
     with llamacpp_log.capture() as lines:
         engine = get_host().backend(backend).load(path, prepared.load_options)
     return engine, prepared.plan, loadreport.parse(lines)

@@ -112,12 +112,16 @@ def _two_gpus(free0: int = 4 * GiB, free1: int = 4 * GiB) -> HardwareProbe:
 
 
 def test_a_two_gpu_plan_reaches_llama_as_tensor_split(gemma_path: Path, llama_kwargs: dict[str, Any]) -> None:
+    from velollm.gguf import info as gguf_info
     from velollm.host import get_host
     from velollm.loading import prepare
+    from velollm.placement import estimate_needs
 
-    # the first GPU also holds the compute buffer: give it that much more, so the layers spread over both
-    compute = prepare(gemma_path, backend="llamacpp-cuda", probe=_two_gpus()).plan.compute_bytes
-    probe = _two_gpus(GiB + compute, GiB)
+    # the first GPU also holds the compute buffer and the last the output head (llama.cpp puts it
+    # with the highest layers): give each that much more, so the layers spread over both
+    plan = prepare(gemma_path, backend="llamacpp-cuda", probe=_two_gpus()).plan
+    head = estimate_needs(gguf_info.inspect(gemma_path), plan.n_ctx).output_bytes
+    probe = _two_gpus(GiB + plan.compute_bytes, GiB + head)
     prepared = prepare(gemma_path, backend="llamacpp-cuda", probe=probe)
     plan = prepared.plan
     by_id = {d.id: d for d in plan.devices}

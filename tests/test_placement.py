@@ -80,20 +80,22 @@ def decision(plan: Any, topic: str) -> Any:
 
 
 # --- the five machines of the issue ------------------------------------------------------------
-def test_8gb_nvidia_card_offloads_31_of_40_layers(big: ModelInfo, backends: dict[str, Any]) -> None:
-    # 7.5 GiB free - 512 MiB margin - 368 MiB compute = 6800 MiB; 6800 // 216 = 31 layers
+def test_8gb_nvidia_card_offloads_the_head_and_29_of_40_layers(big: ModelInfo, backends: dict[str, Any]) -> None:
+    # 7.5 GiB free - 512 MiB margin - 368 MiB compute = 6800 MiB; llama.cpp offloads the 500 MiB output
+    # head first (n_gpu_layers counts it as the last layer), then (6800 - 500) // 216 = 29 layers
     probe = machine(ram_total=32 * GiB, ram_free=24 * GiB, ggml=("CPU", "CUDA"),
                     devices=[cuda(0, "NVIDIA GeForce RTX 3070", 8 * GiB, 7680 * MiB)],
                     gpus=[nvml(0, "NVIDIA GeForce RTX 3070", 8 * GiB, 7680 * MiB)])
     plan = place(big, probe, PlacementOptions(), backends)
     assert plan.backend == "llamacpp-cuda"
-    assert plan.n_gpu_layers == 31 and plan.gpu_layers == 31 and not plan.output_on_gpu
+    assert plan.n_gpu_layers == 30 and plan.gpu_layers == 29 and plan.output_on_gpu
     assert plan.n_ctx == 4096 and plan.n_threads == 8
     reason = decision(plan, "n_gpu_layers").reason
-    assert "31 of 40 layers fit" in reason and "lower 9 run on the CPU" in reason and "CUDA0" in reason
-    assert plan.load_options().n_gpu_layers == 31
-    # what stays in RAM: embeddings 500 + head 500 + 9 layers × 216 + logits scratch 72.5 MiB
-    assert plan.ram_bytes == 500 * MiB + 500 * MiB + 9 * 216 * MiB + 4 * 512 * (5120 + 32000)
+    assert "the output head and 29 of 40 layers fit" in reason and "lower 11 run on the CPU" in reason
+    assert "CUDA0" in reason
+    assert plan.load_options().n_gpu_layers == 30
+    # what stays in RAM: embeddings 500 + 11 layers × 216 (the head and its logits are on the GPU)
+    assert plan.ram_bytes == 500 * MiB + 11 * 216 * MiB
     assert "llamacpp-cpu" in plan.rejected and "comes first" in plan.rejected["llamacpp-cpu"]
 
 
@@ -111,10 +113,11 @@ def test_24gb_card_takes_every_layer_and_the_output_head(big: ModelInfo, backend
 
 
 def test_two_gpus_share_the_layers(big: ModelInfo, backends: dict[str, Any]) -> None:
-    # one 6 GiB card alone: 5640 - 512 - 368 = 4760 MiB -> 22 layers (4752); the two together hold all 40
+    # one 6 GiB card alone: 5640 - 512 - 368 = 4760 MiB -> the 500 MiB head + 19 layers (4104); the two
+    # together hold all 40
     one = machine(ram_total=32 * GiB, ram_free=24 * GiB, ggml=("CPU", "CUDA"),
                   devices=[cuda(0, "NVIDIA GeForce RTX 2060", 6 * GiB, 5640 * MiB)])
-    assert place(big, one, PlacementOptions(), backends).n_gpu_layers == 22
+    assert place(big, one, PlacementOptions(), backends).n_gpu_layers == 20
     two = machine(ram_total=32 * GiB, ram_free=24 * GiB, ggml=("CPU", "CUDA"),
                   devices=[cuda(0, "NVIDIA GeForce RTX 2060", 6 * GiB, 5640 * MiB),
                            cuda(1, "NVIDIA GeForce RTX 2060", 6 * GiB, 5640 * MiB)])
@@ -123,8 +126,9 @@ def test_two_gpus_share_the_layers(big: ModelInfo, backends: dict[str, Any]) -> 
     by_id = {d.id: d for d in plan.devices}
     assert set(by_id) == {"CUDA0", "CUDA1"}
     assert by_id["CUDA0"].layers + by_id["CUDA1"].layers == 40
-    # CUDA0 also carries the 368 MiB compute buffer, so CUDA1 takes the extra layers
-    assert by_id["CUDA1"].layers > by_id["CUDA0"].layers > 15
+    # CUDA0 carries the 368 MiB compute buffer, so the 500 MiB head goes to CUDA1: the layers come out even
+    assert by_id["CUDA1"].output_head and not by_id["CUDA0"].output_head
+    assert by_id["CUDA0"].layers == by_id["CUDA1"].layers == 20
     reason = decision(plan, "n_gpu_layers").reason
     assert "CUDA0" in reason and "CUDA1" in reason and "all 40 layers" in reason
 

@@ -5,9 +5,9 @@ decision can be unit-tested with probes of machines we do not have, and ``veloll
 show the plan (and why) before anything is loaded.
 
 The method is Ollama's: reserve a safety margin and the compute buffers on the main GPU, then
-put repeating layers (weights + their share of the KV cache) on the GPUs from the last layer
-down — llama.cpp offloads the *last* ``n_gpu_layers`` layers — until the next one does not fit;
-the output head follows when every layer fits. The rest runs from system RAM. When even that
+put the output head and then repeating layers (weights + their share of the KV cache) on the GPUs
+from the last layer down — llama.cpp offloads the *last* ``n_gpu_layers`` layers and counts the
+head as the very last — until the next one does not fit. The rest runs from system RAM. When even that
 does not fit, the context is halved (the KV cache and attention buffers shrink with it) before
 giving up with :class:`~velollm.errors.InsufficientMemory` and the numbers.
 
@@ -326,9 +326,17 @@ def _fit(needs: MemoryNeeds, n_ctx: int, devices: Sequence[Device], ram_budget: 
 
     placed = 0
     head: int | None = None
+    # llama.cpp counts the output head as the last layer: n_gpu_layers=k offloads it and the last
+    # k - 1 repeating layers, so the head goes first and no layer goes without it; with a tensor
+    # split it lands on the last device, with the highest layers
     if devices and want != 0:
+        j = len(devices) - 1
+        if want is not None or budget[j] - used[j] >= needs.output_bytes:
+            used[j] += needs.output_bytes
+            head = j
+    if head is not None:
         for i in reversed(range(n)):
-            if want is not None and placed >= want:
+            if want is not None and placed >= want - 1:
                 break
             j = best_device()
             if want is None and budget[j] - used[j] < per_layer[i]:
@@ -336,17 +344,12 @@ def _fit(needs: MemoryNeeds, n_ctx: int, devices: Sequence[Device], ram_budget: 
             used[j] += per_layer[i]
             layers[j] += 1
             placed += 1
-        if placed == n and (want is None or want > n):
-            j = best_device()
-            if want is not None or budget[j] - used[j] >= needs.output_bytes:
-                used[j] += needs.output_bytes
-                head = j
     output_on_gpu = head is not None
-    if devices and placed == 0:
+    if devices and not output_on_gpu:
         used[0] = 0
     cpu_layers = sum(per_layer[: n - placed])
     head_in_ram = 0 if (output_on_gpu or needs.output_tied) else needs.output_bytes
-    ram_compute = needs.compute_bytes if placed == 0 else (0 if output_on_gpu else needs.logits_bytes)
+    ram_compute = 0 if output_on_gpu else needs.compute_bytes
     ram = needs.input_bytes + head_in_ram + cpu_layers + ram_compute
     ram_total = ram + sum(u for u, d in zip(used, devices, strict=False) if d.unified_memory)
     over = [f"{d.id} by {fmt_bytes(u - b)}" for d, u, b in zip(devices, used, budget, strict=False) if u > b]
@@ -570,14 +573,15 @@ def _offload_decision(name: str, fit: _Fit, devices: Sequence[Device], probe: Ha
     margin = fmt_bytes(options.gpu_margin_bytes)
     if fit.gpu_layers == n and fit.output_on_gpu:
         head = f"all {n} layers and the output head fit"
-    elif fit.gpu_layers == n:
-        head = (f"all {n} layers fit but the output head ({fmt_bytes(fit.needs.output_bytes)}) does not; "
-                "it stays in RAM")
     elif fit.gpu_layers:
-        head = (f"{fit.gpu_layers} of {n} layers fit, filled from the last layer down (each needs about "
-                f"{fmt_bytes(layer)}: weights + KV cache); the lower {n - fit.gpu_layers} run on the CPU")
+        head = (f"the output head and {fit.gpu_layers} of {n} layers fit, filled from the last layer down (each "
+                f"needs about {fmt_bytes(layer)}: weights + KV cache); the lower {n - fit.gpu_layers} run on the CPU")
+    elif fit.output_on_gpu:
+        head = (f"the output head fits but not one layer ({fmt_bytes(layer)}) beside it; the layers run on the "
+                "CPU")
     else:
-        head = f"not one layer ({fmt_bytes(layer)}) fits; everything runs on the CPU"
+        head = (f"not even the output head ({fmt_bytes(fit.needs.output_bytes)}), which llama.cpp offloads "
+                "first, fits; everything runs on the CPU")
     return Decision(topic="n_gpu_layers", value=value,
                     reason=f"{head}. {where}; a {margin} margin per device and {fmt_bytes(fit.needs.compute_bytes)} "
                            "of compute buffers on the first are kept free")

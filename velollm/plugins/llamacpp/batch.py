@@ -343,7 +343,8 @@ class BatchDecoder:
     """
 
     def __init__(self, llama: Any, *, n_parallel: int, n_ctx: int, n_batch: int = 512, cache_slots: int | None = None,
-                 is_eog: Callable[[int], bool], piece: Callable[[int], bytes], adaptive_threads: bool = True) -> None:
+                 is_eog: Callable[[int], bool], piece: Callable[[int], bytes], adaptive_threads: bool = True,
+                 offload_kqv: bool = True) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -363,6 +364,7 @@ class BatchDecoder:
         params.kv_unified = True  # shared prefixes are tagged cells, not copies
         params.swa_full = True  # sliding-window models: prefixes stay copyable and removable
         params.embeddings = False
+        params.offload_kqv = offload_kqv  # the Llama's own (tokenizing) context keeps its KV in RAM
         self._context = _internals.LlamaContext(model=llama._model, params=params, verbose=False)
         self.ctx = self._context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -906,7 +908,8 @@ def picker_for(engine: Any, request: Any, grammar: Any, seed: int, max_new: int)
 def open_decoder(engine: Any, *, n_parallel: int, n_ctx: int) -> BatchDecoder:
     """A BatchDecoder on the engine's model (its ``Llama`` keeps a small context of its own)."""
     return BatchDecoder(engine._llama, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=engine.options.n_batch,
-                        is_eog=engine.is_end_of_generation, piece=engine._piece)
+                        is_eog=engine.is_end_of_generation, piece=engine._piece,
+                        offload_kqv=bool(engine.options.extra.get("offload_kqv", True)))
 
 
 def stream(engine: Any, decoder: BatchDecoder, request: Any, prompt: list[int], grammar: Any,

@@ -148,6 +148,9 @@ class LlamaCppEngine:
         batched = parallel > 1 and not kwargs.get("embedding")
         if batched:  # the batch decoder holds the KV cache; the Llama keeps a small context of its own
             n_ctx, kwargs["n_ctx"] = kwargs["n_ctx"], min(kwargs["n_ctx"], BATCH_LLAMA_CTX)
+            # ...whose KV cache stays in RAM: it only tokenizes, and the device memory placement
+            # planned is the decoder's (the decoder offloads its own: batch.BatchDecoder)
+            kwargs["offload_kqv"] = False
         if options.speculative is not None or options.draft_model or options.prompt_lookup:
             from velollm.plugins.llamacpp import speculative
 
