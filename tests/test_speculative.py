@@ -144,3 +144,26 @@ def test_a_constraint_verifies_drafts_and_drafts_its_forced_tokens(spec_engine: 
             along = by_source.get("forced", {}).get("accepted", 0) + by_source.get("walk", {}).get("accepted", 0)
             assert along > 0, by_source
     assert json.loads(plain.text)["arguments"]
+
+
+def test_text_lookup_takes_a_match_from_the_likelier_rendering_first() -> None:
+    """Copies of wrapped text join lines with a space: the spaced rendering is matched first, and a
+    copy that does keep the line break goes on matching in the exact one."""
+    from velollm.plugins.llamacpp.speculative.lookup import TextLookup
+
+    lookup = TextLookup(lambda text: list(text), min_bytes=3)  # one "token" per byte
+    exact = b"Steps: open the file\\nand export it"
+    lookup.reset(exact.replace(b"\\n", b" "), exact)
+    tokens, matched, unique = lookup.propose(b"the file", 6)
+    assert bytes(tokens) == b" and e" and matched == 8 and unique
+    tokens, _, _ = lookup.propose(b"file\\n", 6)
+    assert bytes(tokens) == b"and ex"
+
+
+def test_a_string_opening_quote_is_told_from_an_escaped_one() -> None:
+    from velollm.plugins.llamacpp.speculative.speculator import _opens_string
+
+    assert _opens_string(b'{"name": "')
+    assert not _opens_string(b'"a \\"')  # an escaped quote inside a value
+    assert _opens_string(b'"a \\\\"')  # an escaped backslash, then the quote
+    assert not _opens_string(b'"abc')

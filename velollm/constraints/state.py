@@ -201,8 +201,9 @@ class ConstraintState:
         """A speculative draft that obeys the grammar: the tokens it forces (JSON keys, punctuation)
         and, where it forces none, ``propose(drafted so far)``'s tokens cut at the first one it refuses.
 
-        Forced text whose last token may merge with free text (``"`` before ``:``) is drafted as
-        ``merges`` says the model spelled it before (``":"``), else without that last token.
+        Forced text is drafted as ``merges`` (forced text -> token) says the model began it before
+        (a key spelled ``except`` + ``ion``, not in the canonical tokens; ``":"`` for ``"`` before
+        ``:``), else in its canonical tokens, without a last token that may merge with free text.
         Walked ahead on the matcher and rolled back, so the state is unchanged. Returns the tokens
         and, per token, whether the grammar forced it. Nothing while steering: steering decides there.
         """
@@ -213,10 +214,13 @@ class ConstraintState:
         m = self._m
         try:
             while len(tokens) < limit and not m.is_stopped():
-                ahead = list(m.compute_ff_tokens())
-                if not ahead and (text := m.compute_ff_bytes()):  # its last token may merge with what follows
-                    merged = (merges or {}).get(text)
-                    ahead = [merged] if merged is not None else self.vocab.encode(text)[:-1]
+                text = bytes(m.compute_ff_bytes()) if merges else b""
+                if text and (known := merges.get(text)) is not None:  # as the model spelled it before
+                    ahead = [known]
+                else:
+                    ahead = list(m.compute_ff_tokens())
+                    if not ahead and (text := m.compute_ff_bytes()):  # its last token may merge with what follows
+                        ahead = self.vocab.encode(text)[:-1]
                 ahead = ahead[: limit - len(tokens)]
                 by_grammar = bool(ahead)
                 if not ahead:
@@ -230,6 +234,10 @@ class ConstraintState:
             if tokens:
                 m.rollback(len(tokens))
         return tokens, forced
+
+    def forced_text(self) -> bytes:
+        """The text the grammar forces next (nothing while steering)."""
+        return b"" if self.steering else bytes(self._m.compute_ff_bytes())
 
     def merged_spelling(self, token: int) -> bytes | None:
         """The forced text ``token`` (about to be taken) spells together with free text after it,

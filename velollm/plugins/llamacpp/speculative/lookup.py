@@ -66,20 +66,27 @@ class TextLookup:
                  bytes_per_token: int = 6) -> None:
         self.encode = encode
         self.min_bytes, self.max_bytes, self.bytes_per_token = min_bytes, max_bytes, bytes_per_token
-        self.source = b""
+        self.sources: tuple[bytes, ...] = ()
 
-    def reset(self, source: bytes) -> None:
-        self.source = source
+    @property
+    def source(self) -> bytes:
+        return self.sources[0] if self.sources else b""
+
+    def reset(self, *sources: bytes) -> None:
+        """The texts an answer copies from, the likelier rendering first (e.g. the prompt with its
+        line breaks as spaces, then as written): a match of equal length is taken from the earlier."""
+        self.sources = tuple(s for s in sources if s)
 
     def propose(self, tail: bytes, k: int) -> tuple[list[int], int, bool]:
         """Up to ``k`` tokens, how many bytes of ``tail`` matched (0: none), and whether they occur
-        once only in the source (an unambiguous continuation). The continuation's last token is
-        dropped: it may be the first half of a word the model spells in one token."""
-        source = self.source
+        once only in the source they matched in (an unambiguous continuation). The continuation's
+        last token is dropped: it may be the first half of a word the model spells in one token."""
         for n in range(min(self.max_bytes, len(tail)), self.min_bytes - 1, -1):
             key = tail[-n:]
-            at = source.rfind(key)
-            if at >= 0:
+            for source in self.sources:
+                at = source.rfind(key)
+                if at < 0:
+                    continue
                 start = at + n
                 text = source[start:start + (k + 1) * self.bytes_per_token]
                 if not text:

@@ -45,6 +45,8 @@ TAIL_TOKENS = 8
 UNIQUE_BYTES = 6
 #: how often the target keeps a token the grammar forces (it may spell the same text in other tokens)
 FORCED_ACCEPTANCE = 0.95
+#: forced texts whose spelling a speculator remembers (JSON keys of the schemas in use)
+MAX_SPELLINGS = 4096
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
 EXPLORE_AFTER = 64
 
@@ -115,6 +117,16 @@ class _Pending:
     ngram: int
 
 
+@dataclass
+class _Walk:
+    """A walk along the constraint waiting for the tokens that show how much of its copy the target kept."""
+
+    pos: int
+    tokens: list[int]
+    forced: list[bool]
+    ngram: int
+
+
 class GreedyPicker:
     """The target's argmax at output ``i``: exactly what greedy vanilla decoding picks."""
 
@@ -149,14 +161,23 @@ class ConstraintDrafts:
     text that merges with free text (noted as tokens are picked), the walk
     (:meth:`velollm.constraints.ConstraintState.walk`) and the text an answer copies from."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, spellings: dict[bytes, int] | None = None) -> None:
         self.state = state
-        self.merges: dict[bytes, int] = {}  # forced text -> the token the model spelled it with (walk)
+        # forced text -> the token the model began it with (walk); a Session shares its engine's
+        self.merges: dict[bytes, int] = {} if spellings is None else spellings
 
     def note(self, token: int) -> None:
-        """``token`` is about to be taken by the constraint (call before advancing it)."""
-        if (spelled := self.state.merged_spelling(token)) is not None:
-            self.merges[spelled] = token
+        """``token`` is about to be taken by the constraint (call before advancing it): where the grammar
+        forces text, how the model spelled its start is remembered, so the walk drafts it that way
+        next time (the model may write a key ``except`` + ``ion"`` where the canonical tokens differ)."""
+        if not (text := self.state.forced_text()):
+            return
+        vocab = self.state.vocab
+        piece = vocab.pieces[token] if 0 <= token < vocab.n_vocab else b""
+        if piece and (text.startswith(piece) or piece.startswith(text)):
+            if len(self.merges) >= MAX_SPELLINGS and text not in self.merges:
+                self.merges.clear()
+            self.merges[text] = token
 
     def walk(self, propose: Callable[[list[int]], list[int]], limit: int) -> tuple[list[int], list[bool]]:
         return self.state.walk(propose, limit, self.merges)
@@ -167,6 +188,17 @@ class ConstraintDrafts:
         if not self.state.json:
             return prompt
         return json.dumps(prompt.decode("utf-8", "replace"), ensure_ascii=False)[1:-1].encode()
+
+    def copy_sources(self, prompt: bytes) -> tuple[bytes, ...]:
+        """:meth:`copy_source`, and first, under JSON, the same with the prompt's line breaks as spaces:
+        a value copied from wrapped text joins its lines with a space far more often than with ``\\n``
+        (the text lookup takes a match from the first rendering that has it, so a copy that does
+        keep a line break matches on in the second)."""
+        exact = self.copy_source(prompt)
+        if not self.state.json or b"\n" not in prompt:
+            return (exact,)
+        spaced = prompt.replace(b"\r\n", b"\n").replace(b"\n", b" ")
+        return self.copy_source(spaced), exact
 
 
 class ConstraintPicker:
@@ -187,6 +219,15 @@ class ConstraintPicker:
         self.drafts.note(token)
         self.state.advance(token)
         return token
+
+
+def _opens_string(text: bytes) -> bool:
+    """``text`` (JSON being written) ends with a string's opening quote (or a closing one: either way
+    no copied text comes next)."""
+    if not text.endswith(b'"'):
+        return False
+    backslashes = len(text) - 1 - len(text[:-1].rstrip(b"\\"))
+    return backslashes % 2 == 0
 
 
 def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None]) -> None:
@@ -236,6 +277,7 @@ class Speculator:
         self.walk_acceptance = {n: AcceptanceModel(self.max_gamma, prior=0.7 + 0.05 * n)
                                 for n in range(1, max_ngram + 1)}
         self._draft_idle = 0
+        self.spellings: dict[bytes, int] = {}  # forced text -> how the model began it (ConstraintDrafts)
         self.last: RunStats | None = None
 
     def _encode(self, text: bytes) -> list[int]:
@@ -369,18 +411,23 @@ class Session:
         self.use_lookup = mode == "lookup" or (mode == "auto" and spec.offers_lookup)
         self.use_draft = spec.draft is not None and mode in ("auto", "draft")
         self.drafts = drafts
+        if drafts is not None and drafts.merges is not spec.spellings:  # spellings learnt carry over
+            spec.spellings.update(drafts.merges)
+            drafts.merges = spec.spellings
         self.lookup = PromptLookup(max_ngram=spec.max_ngram)
         self.lookup.reset(prompt if self.use_lookup else ())
         self.text_lookup = TextLookup(spec._encode)
-        self.text_lookup.reset(drafts.copy_source(spec.runner.llama.detokenize(list(prompt)))
+        self.text_lookup.reset(*drafts.copy_sources(spec.runner.llama.detokenize(list(prompt)))
                                if self.use_lookup and drafts is not None else b"")
         self.pending: list[_Pending] = []
         self.stats = RunStats(mode=mode)
-        self._walk_ngram = 1
+        self.walks: list[_Walk] = []  # walks whose copy awaits scoring
         self._step: tuple[Source, Choice, list[int]] = ("plain", PLAIN, [])
 
     def _catch_up(self, seq: list[int]) -> None:
         """Index the tokens ``seq`` gained since the last call and score the proposals they settle."""
+        if self.walks:
+            self.walks = [w for w in self.walks if not self._score_walk(w, seq)]
         if self.use_lookup and len(seq) > len(self.lookup.tokens):
             self.lookup.extend(seq[len(self.lookup.tokens):])
             self.pending = self._resolve(self.pending, seq)
@@ -409,8 +456,6 @@ class Session:
                           + (spec.draft_cost * len(draft) if source == "draft" else 0.0))
         if source == "draft":
             spec.draft_acceptance.observe(len(draft), accepted)
-        elif source == "walk":
-            spec.walk_acceptance[self._walk_ngram].observe(len(draft), accepted)
         self._catch_up(seq)
 
     def finish(self, seq: list[int]) -> RunStats:
@@ -418,7 +463,30 @@ class Session:
         if self.use_lookup:
             self._resolve(self.pending, seq, final=True)
             self.pending = []
+        for walk in self.walks:
+            self._score_walk(walk, seq, final=True)
+        self.walks = []
         return self.stats
+
+    def _score_walk(self, walk: _Walk, seq: list[int], final: bool = False) -> bool:
+        """Score a walk's copy (its first run of free tokens) against the tokens that followed, whether
+        or not the walk was drafted, or only as far as it was (deep positions are learnt for free,
+        as prompt lookup's are). False while the outcome is still open."""
+        avail = min(len(walk.tokens), len(seq) - walk.pos)
+        agreed = 0
+        while agreed < avail and seq[walk.pos + agreed] == walk.tokens[agreed]:
+            agreed += 1
+        if agreed == avail < len(walk.tokens) and not final:
+            return False
+        forced = walk.forced
+        start = forced.index(False) if False in forced else len(forced)
+        end = start
+        while end < len(forced) and not forced[end]:
+            end += 1
+        seen = min(end, avail)
+        if seen > start and agreed >= start:
+            self.spec.walk_acceptance[walk.ngram].observe(seen - start, min(agreed, seen) - start)
+        return True
 
     def _plan(self, seq: list[int], cap: int, proposal: list[int], ngram: int) -> tuple[Source, Choice, list[int]]:
         """Pick the drafter and γ for this step, and draft."""
@@ -469,6 +537,11 @@ class Session:
             if not self.use_lookup:
                 return []
             tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
+            if drafts.state.json and _opens_string(tail):
+                # a value's first token: which span it copies is anyone's guess (lookup would propose
+                # what followed the last such opening: another field's value). Leave it to the target:
+                # it comes free as the token after the forced key it ends.
+                return []
             tokens, n, unique = self.text_lookup.propose(tail, spec.max_gamma)
             if tokens:  # rank a text match like a token n-gram: 3 when it is long and found once only
                 matched[0] = matched[0] or (3 if unique and n >= UNIQUE_BYTES else 2 if unique else 1)
@@ -478,18 +551,22 @@ class Session:
             return tokens
 
         walk, forced = drafts.walk(propose, cap)
+        if not all(forced):
+            self.walks.append(_Walk(len(seq), walk, forced, max(matched[0], 1)))
         if walk:
             rates = spec.walk_acceptance[max(matched[0], 1)].rates()
-            survival, p = [], 1.0
-            for j, by_grammar in enumerate(forced):
-                p *= FORCED_ACCEPTANCE if by_grammar else rates[min(j, len(rates) - 1)]
+            survival, p, run = [], 1.0, 0
+            for by_grammar in forced:  # a copied token's odds depend on how far into its copy it is
+                p *= FORCED_ACCEPTANCE if by_grammar else rates[min(run, len(rates) - 1)]
+                run = 0 if by_grammar else run + 1
                 survival.append(p)
             copies = not all(forced)
             choice = choose_gamma(spec.table, survival, max_gamma=len(walk), min_gain=spec.min_gain,
                                   force=self.mode == "lookup" and copies)
             if choice.gamma:
-                self._walk_ngram = max(matched[0], 1)
                 return ("forced" if all(forced[: choice.gamma]) else "walk"), choice, walk[: choice.gamma]
+        if proposal and drafts.state.json and _opens_string(spec.runner.llama.detokenize(seq[-TAIL_TOKENS:])):
+            proposal, ngram = [], 0  # a value's first token (see propose)
         return self._plan(seq, cap, proposal, ngram)
 
     def _resolve(self, pending: list[_Pending], seq: list[int], final: bool = False) -> list[_Pending]:
