@@ -167,3 +167,18 @@ def test_a_string_opening_quote_is_told_from_an_escaped_one() -> None:
     assert not _opens_string(b'"a \\"')  # an escaped quote inside a value
     assert _opens_string(b'"a \\\\"')  # an escaped backslash, then the quote
     assert not _opens_string(b'"abc')
+
+
+def test_a_copy_is_drafted_up_to_where_a_value_may_end() -> None:
+    """Under JSON the text lookup stops a copy before a clause's punctuation (the value often ends
+    there); matched right at that point it proposes nothing but still reports the match."""
+    from velollm.plugins.llamacpp.speculative.lookup import TextLookup
+    from velollm.plugins.llamacpp.speculative.speculator import CLAUSE_END
+
+    lookup = TextLookup(lambda text: list(text), min_bytes=3)
+    lookup.reset(b"Regards, Margaret Okonkwo, Procurement Lead (Harborlight)")
+    tokens, matched, _ = lookup.propose(b'"Margaret', 20, CLAUSE_END)
+    assert bytes(tokens) == b" Okonkwo" and matched == 8
+    assert lookup.propose(b"Okonkwo", 20, CLAUSE_END) == ([], 7, True)
+    tokens, _, _ = lookup.propose(b"Okonkwo,", 20, CLAUSE_END)
+    assert bytes(tokens) == b" Procurement Lead"

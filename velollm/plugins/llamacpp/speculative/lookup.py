@@ -7,6 +7,7 @@ dict write per n-gram size per token, so lookups stay O(1) however long the cont
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 
@@ -77,10 +78,12 @@ class TextLookup:
         line breaks as spaces, then as written): a match of equal length is taken from the earlier."""
         self.sources = tuple(s for s in sources if s)
 
-    def propose(self, tail: bytes, k: int) -> tuple[list[int], int, bool]:
+    def propose(self, tail: bytes, k: int, stop: re.Pattern[bytes] | None = None) -> tuple[list[int], int, bool]:
         """Up to ``k`` tokens, how many bytes of ``tail`` matched (0: none), and whether they occur
         once only in the source they matched in (an unambiguous continuation). The continuation's
-        last token is dropped: it may be the first half of a word the model spells in one token."""
+        last token is dropped: it may be the first half of a word the model spells in one token.
+        ``stop``: the continuation ends before its first match (where a copied value tends to end);
+        matched right there, nothing is proposed but the match is reported."""
         for n in range(min(self.max_bytes, len(tail)), self.min_bytes - 1, -1):
             key = tail[-n:]
             for source in self.sources:
@@ -89,9 +92,15 @@ class TextLookup:
                     continue
                 start = at + n
                 text = source[start:start + (k + 1) * self.bytes_per_token]
+                whole = start + len(text) >= len(source)
+                unique = source.find(key) == at
+                if stop is not None and (end := stop.search(text)) is not None:
+                    text, whole = text[:end.start()].rstrip(b" "), True
+                    if not text:  # matched right where the copy may end: nothing to propose
+                        return [], n, unique
                 if not text:
                     return [], 0, False
                 tokens = self.encode(text)
-                keep = min(k, len(tokens) - 1 if start + len(text) < len(source) else len(tokens))
-                return tokens[:keep], n, source.find(key) == at
+                keep = min(k, len(tokens) if whole else len(tokens) - 1)
+                return tokens[:keep], n, unique
         return [], 0, False

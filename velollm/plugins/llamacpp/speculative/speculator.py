@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ TAIL_TOKENS = 8
 UNIQUE_BYTES = 6
 #: how often the target keeps a token the grammar forces (it may spell the same text in other tokens)
 FORCED_ACCEPTANCE = 0.95
+#: where a JSON value copied from a text tends to end: a clause's punctuation before a space or a
+#: line break, a bracket. A copy is drafted up to there; if the value goes on, the target's next token
+#: (free in the verifying batch) says so and the copy resumes in the next step
+CLAUSE_END = re.compile(rb"[,.;:!?)\]>](?=\s|\\n)|\\n| \(|<")
 #: forced texts whose spelling a speculator remembers (JSON keys of the schemas in use)
 MAX_SPELLINGS = 4096
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
@@ -542,10 +547,13 @@ class Session:
                 # what followed the last such opening: another field's value). Leave it to the target:
                 # it comes free as the token after the forced key it ends.
                 return []
-            tokens, n, unique = self.text_lookup.propose(tail, spec.max_gamma)
+            stop = CLAUSE_END if drafts.state.json else None
+            tokens, n, unique = self.text_lookup.propose(tail, spec.max_gamma, stop)
             if tokens:  # rank a text match like a token n-gram: 3 when it is long and found once only
                 matched[0] = matched[0] or (3 if unique and n >= UNIQUE_BYTES else 2 if unique else 1)
                 return tokens
+            if n and unique:  # the copy is at a place it may end (CLAUSE_END): the target says
+                return []
             tokens, n = (proposal, ngram) if not ahead else self.lookup.propose(spec.max_gamma, ahead)
             matched[0] = matched[0] or n
             return tokens
