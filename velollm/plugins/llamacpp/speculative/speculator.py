@@ -170,19 +170,38 @@ class ConstraintDrafts:
         self.state = state
         # forced text -> the token the model began it with (walk); a Session shares its engine's
         self.merges: dict[bytes, int] = {} if spellings is None else spellings
+        self._last = b""  # the text of the token taken last
 
     def note(self, token: int) -> None:
         """``token`` is about to be taken by the constraint (call before advancing it): where the grammar
         forces text, how the model spelled its start is remembered, so the walk drafts it that way
         next time (the model may write a key ``except`` + ``ion"`` where the canonical tokens differ)."""
-        if not (text := self.state.forced_text()):
-            return
         vocab = self.state.vocab
         piece = vocab.pieces[token] if 0 <= token < vocab.n_vocab else b""
+        text = self.state.forced_text()
+        if not text and (after := self.at_separator()):  # JSON leaves the spacing free: the model's habit
+            self.merges[after] = token
+        self._last = piece
+        if not text:
+            return
         if piece and (text.startswith(piece) or piece.startswith(text)):
             if len(self.merges) >= MAX_SPELLINGS and text not in self.merges:
                 self.merges.clear()
             self.merges[text] = token
+
+    def at_separator(self) -> bytes:
+        """When the last token taken ended with a comma or a colon of JSON's (not inside a string), its
+        key in :attr:`merges` (else nothing)."""
+        cursor = self.state.cursor if self.state.json else None
+        if cursor is None or cursor.in_string or not self._last or self._last[-1:] not in (b",", b":"):
+            return b""
+        return b"\0" + self._last[-1:]
+
+    def separator(self) -> list[int]:
+        """What the model wrote after such a comma or colon before (the walk drafts it: the spacing
+        before a key, which the grammar then forces, or before a value's opening quote)."""
+        token = self.merges.get(self.at_separator() or b"\0")
+        return [token] if token is not None else []
 
     def walk(self, propose: Callable[[list[int]], list[int]], limit: int) -> tuple[list[int], list[bool]]:
         return self.state.walk(propose, limit, self.merges)
@@ -537,12 +556,16 @@ class Session:
         can carry a key and its whole value. Falls back to :meth:`_plan` when the walk has nothing."""
         spec = self.spec
         matched = [0]
+        at_value = [False]  # the walk stopped at a value's first token
 
         def propose(ahead: list[int]) -> list[int]:
             if not self.use_lookup:
                 return []
             tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
+            if not ahead and (separator := drafts.separator()):
+                return separator
             if drafts.state.json and _opens_string(tail):
+                at_value[0] = True
                 # a value's first token: which span it copies is anyone's guess (lookup would propose
                 # what followed the last such opening: another field's value). Leave it to the target:
                 # it comes free as the token after the forced key it ends.
@@ -571,6 +594,12 @@ class Session:
             copies = not all(forced)
             choice = choose_gamma(spec.table, survival, max_gamma=len(walk), min_gain=spec.min_gain,
                                   force=self.mode == "lookup" and copies)
+            if at_value[0] and len(walk) < cap and choice.gamma < len(walk):
+                # a walk that ends where a value's first token comes (nothing is proposed there): cut
+                # short, the free token that verifying all of it yields would take a plain step later
+                tokens, cost = 1.0 + sum(survival), spec.table.relative(len(walk) + 1)
+                if tokens / cost >= (choice.expected_tokens + 1.0) / (choice.cost + 1.0):
+                    choice = Choice(len(walk), tokens / cost, tokens, cost)
             if choice.gamma:
                 return ("forced" if all(forced[: choice.gamma]) else "walk"), choice, walk[: choice.gamma]
         if proposal and drafts.state.json and _opens_string(spec.runner.llama.detokenize(seq[-TAIL_TOKENS:])):
