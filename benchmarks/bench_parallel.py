@@ -68,6 +68,31 @@ MORE_NEGATIVE = [
     "The fries were soggy and bland.",
 ]
 
+#: held out for the BootstrapFewShot dev set only: with 56 sentences one example was 1.8 points of
+#: accuracy, so a single greedy near-tie flip moved a route by more than the ±3 points compared
+HELD_OUT_POSITIVE = [
+    "The doctor listened to every question.", "Our new puppy has made the house so happy.",
+    "The refund arrived the very next day.", "This is the comfiest sofa I have ever owned.",
+    "The museum tour was fascinating.", "He fixed my bike for free, what a star.",
+    "The soup warmed me right up.", "I finally passed my driving test!", "The wedding was perfect in every way.",
+    "Checkout was fast and painless.", "The printer just works, no fuss.", "The lake was calm and gorgeous.",
+    "My new glasses are so clear.", "The children's play was adorable.", "The chef came out to say hello.",
+    "I slept like a baby in that bed.", "Support solved it on the first call.", "The puzzle was challenging and fun.",
+    "The cake was moist and rich.", "The bus driver waited for me, so kind.", "Great battery, it lasts all week.",
+    "The new park is a gem.", "The lecture was inspiring.", "I am so proud of my team.",
+]
+HELD_OUT_NEGATIVE = [
+    "The doctor never called me back.", "The puppy chewed through my new shoes.",
+    "The refund still has not arrived.", "The sofa sagged after a month.", "The museum was closed without warning.",
+    "The bike shop overcharged me.", "The soup arrived lukewarm.", "I failed the test because the examiner was late.",
+    "The wedding venue double-booked us.", "Checkout froze and took my money twice.",
+    "The printer jams on every page.", "The lake was full of litter.", "My new glasses give me headaches.",
+    "The play was so bad we left early.", "The chef ignored our allergy note.", "The mattress was lumpy and hard.",
+    "Support kept me on hold for two hours.", "The puzzle was missing pieces.", "The cake was dry and stale.",
+    "The bus drove straight past me.", "The battery dies by lunchtime.", "The park is always full of broken glass.",
+    "The lecture was dull and confusing.", "I am so disappointed in this team.",
+]
+
 
 class Sentiment(dspy.Signature):
     """Classify the sentiment of a customer's sentence."""
@@ -93,7 +118,8 @@ def bootstrap_sets(n_train: int) -> tuple[list[dspy.Example], list[dspy.Example]
     """BootstrapFewShot's train set (the first ``n_train`` of the extra sentences) and a dev set of
     every other labelled sentence (demos included: the compiled program has its own), disjoint."""
     extra = _examples(MORE_POSITIVE, MORE_NEGATIVE)
-    return extra[:n_train], _examples(POSITIVE, NEGATIVE) + extra[n_train:]
+    dev = _examples(POSITIVE, NEGATIVE) + extra[n_train:] + _examples(HELD_OUT_POSITIVE, HELD_OUT_NEGATIVE)
+    return extra[:n_train], dev
 
 
 def metric(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> bool:

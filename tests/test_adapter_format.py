@@ -87,19 +87,33 @@ def test_every_call_of_a_program_shares_the_prompt_up_to_its_inputs() -> None:
     assert a[shared:] == "2 + 2?" and b[shared:] == "What is the square root of 81?"
 
 
-def test_free_text_first_ends_the_turn_with_a_cue_after_the_inputs() -> None:
-    """ChainOfThought's reasoning comes first: a short cue follows the inputs (a small model's free
-    text copies what it read last), and the requirements stay ahead where the cache serves them."""
-    from velollm.adapters.dspy.adapter import FREE_TEXT_CUE
-
+def test_chain_of_thought_puts_the_requirements_after_the_inputs() -> None:
+    """ChainOfThought's reasoning comes first: DSPy's order, the requirements line closing the turn
+    (a small model reasons towards what it read last)."""
     cot = dspy.ChainOfThought(QA).predict.signature
     first = velollm.Adapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
-    second = velollm.Adapter().format(cot, DEMOS, {"question": "3 + 5?"})[-1]["content"]
-    assert first.startswith("Respond with a JSON object in the following order of fields: `reasoning`, then `answer`")
-    assert first.endswith("[[ ## question ## ]]\n2 + 2?\n\n" + FREE_TEXT_CUE)
-    assert os.path.commonprefix([first, second]) == first[:first.index("2 + 2?")]
+    assert first.startswith("[[ ## question ## ]]\n2 + 2?\n\n")
+    assert "\n\nRespond with a JSON object in the following order of fields: `reasoning`, then `answer`" in first
+    assert first == dspy.JSONAdapter().format(cot, DEMOS, {"question": "2 + 2?"})[-1]["content"]
+
+
+def test_free_text_first_ends_the_turn_with_a_cue_after_the_inputs() -> None:
+    """A string answer comes first: a short cue follows the inputs (a small model's free text copies
+    what it read last), and the requirements stay ahead where the cache serves them."""
+    from velollm.adapters.dspy.adapter import FREE_TEXT_CUE
+
+    class Capital(dspy.Signature):
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+        confidence: float = dspy.OutputField()
+
+    first = velollm.Adapter().format(Capital, [], {"question": "Capital of Peru?"})[-1]["content"]
+    second = velollm.Adapter().format(Capital, [], {"question": "Capital of Chile?"})[-1]["content"]
+    assert first.startswith("Respond with a JSON object in the following order of fields: `answer`, then `confidence`")
+    assert first.endswith("[[ ## question ## ]]\nCapital of Peru?\n\n" + FREE_TEXT_CUE)
+    assert os.path.commonprefix([first, second]) == first[:first.index("Peru?")]
     plain = velollm.Adapter().format(QA, DEMOS, {"question": "2 + 2?"})[-1]["content"]
-    assert FREE_TEXT_CUE not in plain  # a typed first output gets no cue
+    assert FREE_TEXT_CUE not in plain and plain.startswith("Respond with a JSON object")  # a typed first output
 
 
 def test_marker_format_matches_chat_adapter() -> None:

@@ -196,13 +196,19 @@ class Adapter(ChatAdapter):
                                     suffix: str = "", main_request: bool = False) -> str:
         """DSPy's layout with the output requirements moved ahead of the inputs: they are the same
         on every call, so the prompt cache serves them and only the inputs are new prompt tokens
-        (under ``Evaluate`` or an optimizer, that halves the prefill of a short example)."""
+        (under ``Evaluate`` or an optimizer, that halves the prefill of a short example). Free text
+        first gets a cue after the inputs (:func:`_writes_free_text_first`); ChainOfThought's
+        reasoning gets DSPy's own order (:func:`_reasons_first`)."""
         if not main_request or self.output_format == "markers":
             return super().format_user_message_content(signature, inputs, prefix, suffix, main_request)
         requirements = self.user_message_output_requirements(signature)
         fields = super().format_user_message_content(signature, inputs, main_request=False)
-        cue = FREE_TEXT_CUE if _writes_free_text_first(signature) else ""
-        return "\n\n".join(part for part in (prefix, requirements, fields, cue, suffix) if part).strip()
+        if _reasons_first(signature):
+            parts = (prefix, fields, requirements, suffix)
+        else:
+            cue = FREE_TEXT_CUE if _writes_free_text_first(signature) else ""
+            parts = (prefix, requirements, fields, cue, suffix)
+        return "\n\n".join(part for part in parts if part).strip()
 
     def user_message_output_requirements(self, signature: type[Signature]) -> str:
         if self.output_format == "markers":
@@ -323,16 +329,30 @@ class _Attempts:
 
 
 def _writes_free_text_first(signature: type[Signature]) -> bool:
-    """The first output is free text (ChainOfThought's ``reasoning``, an answer string).
+    """The first output is free text (an answer string, ChainOfThought's ``reasoning``).
 
     Free text is where a small model copies what it read last. When the turn ended with the
     inputs, Qwen 0.5B's bootstrapped ChainOfThought reasoning ran on from the copied input into
-    the requirements line and DSPy's "Not supplied" placeholder, and the compiled classifier
-    missed 4 of 56 answers where JSONAdapter missed 1. A short cue after the inputs gives it
-    JSONAdapter's clean demos (2 of 56 missed) for ~8 uncached tokens per call. Moving the whole
-    requirements line after the inputs, as DSPy does, also worked (1 missed) but cost ~30 tokens
-    per call and doubled the Evaluate time (benchmarks/bench_parallel.py --bootstrap). A typed first
-    output (a Literal, a number) cannot copy, so it gets no cue.
+    the requirements line and DSPy's "Not supplied" placeholder. A short cue after the inputs
+    stops that for ~8 uncached tokens per call. A typed first output (a Literal, a number) cannot
+    copy, so it gets no cue.
     """
     first = next(iter(signature.output_fields.values()), None)
     return first is not None and first.annotation is str
+
+
+def _reasons_first(signature: type[Signature]) -> bool:
+    """The first output is ChainOfThought's ``reasoning``: the requirements line follows the inputs,
+    as in DSPy's adapters, so the answer fields' types are what the model read last before it
+    reasons towards them.
+
+    Measured with Qwen 0.5B (benchmarks/bench_parallel.py --bootstrap; the bootstrapped
+    ChainOfThought sentiment classifier on 104 dev sentences). DSPy's order missed 3, the same 3 in
+    two runs, as JSONAdapter on plain llama-cpp-python did. With the requirements ahead and the cue,
+    it missed 5 and 7 in two runs of the same code; with a cue naming the fields, 11. The price is
+    ~30 uncached tokens per call: that Evaluate took 53 s instead of 31 s. For a plain ``str``
+    answer first, the cue did better in benchmarks/dspy_suite.py (33/41 against 31/41), so it
+    keeps the cached order.
+    """
+    first = next(iter(signature.output_fields), None)
+    return first == "reasoning" and _writes_free_text_first(signature)
