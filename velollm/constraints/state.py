@@ -214,12 +214,12 @@ class ConstraintState:
         m = self._m
         try:
             while len(tokens) < limit and not m.is_stopped():
-                text = bytes(m.compute_ff_bytes()) if merges else b""
-                if text and (known := merges.get(text)) is not None:  # as the model spelled it before
+                text = bytes(m.compute_ff_bytes())
+                if text and merges and (known := merges.get(text)) is not None:  # as the model spelled it before
                     ahead = [known]
                 else:
                     ahead = list(m.compute_ff_tokens())
-                    if not ahead and (text := m.compute_ff_bytes()):  # its last token may merge with what follows
+                    if not ahead and text:  # its last token may merge with what follows
                         ahead = self.vocab.encode(text)[:-1]
                 ahead = ahead[: limit - len(tokens)]
                 by_grammar = bool(ahead)

@@ -561,9 +561,9 @@ class Session:
         def propose(ahead: list[int]) -> list[int]:
             if not self.use_lookup:
                 return []
-            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
             if not ahead and (separator := drafts.separator()):
                 return separator
+            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
             if drafts.state.json and _opens_string(tail):
                 at_value[0] = True
                 # a value's first token: which span it copies is anyone's guess (lookup would propose
