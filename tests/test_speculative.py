@@ -146,39 +146,22 @@ def test_a_constraint_verifies_drafts_and_drafts_its_forced_tokens(spec_engine: 
     assert json.loads(plain.text)["arguments"]
 
 
-def test_text_lookup_takes_a_match_from_the_likelier_rendering_first() -> None:
-    """Copies of wrapped text join lines with a space: the spaced rendering is matched first, and a
-    copy that does keep the line break goes on matching in the exact one."""
-    from velollm.plugins.llamacpp.speculative.lookup import TextLookup
-
-    lookup = TextLookup(lambda text: list(text), min_bytes=3)  # one "token" per byte
-    exact = b"Steps: open the file\\nand export it"
-    lookup.reset(exact.replace(b"\\n", b" "), exact)
-    tokens, matched, unique = lookup.propose(b"the file", 6)
-    assert bytes(tokens) == b" and e" and matched == 8 and unique
-    tokens, _, _ = lookup.propose(b"file\\n", 6)
-    assert bytes(tokens) == b"and ex"
-
-
-def test_a_string_opening_quote_is_told_from_an_escaped_one() -> None:
-    from velollm.plugins.llamacpp.speculative.speculator import _opens_string
-
-    assert _opens_string(b'{"name": "')
-    assert not _opens_string(b'"a \\"')  # an escaped quote inside a value
-    assert _opens_string(b'"a \\\\"')  # an escaped backslash, then the quote
-    assert not _opens_string(b'"abc')
-
-
-def test_a_copy_is_drafted_up_to_where_a_value_may_end() -> None:
-    """Under JSON the text lookup stops a copy before a clause's punctuation (the value often ends
-    there); matched right at that point it proposes nothing but still reports the match."""
-    from velollm.plugins.llamacpp.speculative.lookup import TextLookup
-    from velollm.plugins.llamacpp.speculative.speculator import CLAUSE_END
-
-    lookup = TextLookup(lambda text: list(text), min_bytes=3)
-    lookup.reset(b"Regards, Margaret Okonkwo, Procurement Lead (Harborlight)")
-    tokens, matched, _ = lookup.propose(b'"Margaret', 20, CLAUSE_END)
-    assert bytes(tokens) == b" Okonkwo" and matched == 8
-    assert lookup.propose(b"Okonkwo", 20, CLAUSE_END) == ([], 7, True)
-    tokens, _, _ = lookup.propose(b"Okonkwo,", 20, CLAUSE_END)
-    assert bytes(tokens) == b" Procurement Lead"
+def test_a_copied_value_is_drafted_with_its_close_and_the_next_key(spec_engine: Engine) -> None:
+    """A record's lines (``Name: ...``) hold one value each: the model closes each copied value where
+    its line ends, the speculator learns that spelling (``","`` or ``", "``) and those places, and later
+    walks draft the close and the next key along with the copy. The output stays the target's own."""
+    record = ("Name: Margaret Okonkwo-Lindqvist\nEmail: m.okonkwo@harborlight-logistics.com\n"
+              "Company: Harborlight Logistics B.V.\nCity: Rotterdam")
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "email", "company", "city"],
+              "properties": {k: {"type": "string"} for k in ("name", "email", "company", "city")}}
+    ask = [{"role": "user", "content": "Extract the fields of this record as JSON, copying the values.\n\n" + record}]
+    plain = spec_engine.generate(req(messages=ask, json_schema=schema, max_tokens=80, extra={"speculative": "off"}))
+    for _ in range(2):
+        spec = spec_engine.generate(req(messages=ask, json_schema=schema, max_tokens=80,
+                                        extra={"speculative": "lookup"}))
+        assert spec.text == plain.text
+    speculator = spec_engine._speculator  # what it learnt is what the walks draft from
+    assert speculator.closes.get(b""), speculator.closes
+    seen = speculator.value_ends.counts.get(b"\n:")
+    assert seen is not None and seen[0] > seen[2], speculator.value_ends.counts  # closed more than went on
+    assert json.loads(plain.text)["email"] == "m.okonkwo@harborlight-logistics.com"

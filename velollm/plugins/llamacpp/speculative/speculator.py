@@ -11,15 +11,23 @@ sampled from the target), so the output is the target's own.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from velollm.plugins.llamacpp.runner import ContextRunner, LlamaRunner
+from velollm.plugins.llamacpp.speculative.constrained import (
+    CLAUSE_END,
+    CLOSE_MIN,
+    HABIT_ACCEPTANCE,
+    STOP_MIN,
+    ConstraintDrafts,
+    ValueEnds,
+    opens_string,
+    value_begun,
+)
 from velollm.plugins.llamacpp.speculative.costmodel import (
     PLAIN,
     AcceptanceModel,
@@ -46,12 +54,6 @@ TAIL_TOKENS = 8
 UNIQUE_BYTES = 6
 #: how often the target keeps a token the grammar forces (it may spell the same text in other tokens)
 FORCED_ACCEPTANCE = 0.95
-#: where a JSON value copied from a text tends to end: a clause's punctuation before a space or a
-#: line break, a bracket. A copy is drafted up to there; if the value goes on, the target's next token
-#: (free in the verifying batch) says so and the copy resumes in the next step
-CLAUSE_END = re.compile(rb"[,.;:!?)\]>](?=\s|\\n)|\\n| \(|<")
-#: forced texts whose spelling a speculator remembers (JSON keys of the schemas in use)
-MAX_SPELLINGS = 4096
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
 EXPLORE_AFTER = 64
 
@@ -130,6 +132,9 @@ class _Walk:
     tokens: list[int]
     forced: list[bool]
     ngram: int
+    copy_end: int | None = None  # where the drafted close of its copied value starts
+    #: places its copy could have ended: (offset in ``tokens``, kind, see :class:`ValueEnds`)
+    ends: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 class GreedyPicker:
@@ -161,70 +166,6 @@ class ChainPicker:
         return int(self._sample(self._ptr, self._ctx, i))
 
 
-class ConstraintDrafts:
-    """Drafting along a constraint (velollm.constraints), for one sequence: how the model spelled forced
-    text that merges with free text (noted as tokens are picked), the walk
-    (:meth:`velollm.constraints.ConstraintState.walk`) and the text an answer copies from."""
-
-    def __init__(self, state: Any, spellings: dict[bytes, int] | None = None) -> None:
-        self.state = state
-        # forced text -> the token the model began it with (walk); a Session shares its engine's
-        self.merges: dict[bytes, int] = {} if spellings is None else spellings
-        self._last = b""  # the text of the token taken last
-
-    def note(self, token: int) -> None:
-        """``token`` is about to be taken by the constraint (call before advancing it): where the grammar
-        forces text, how the model spelled its start is remembered, so the walk drafts it that way
-        next time (the model may write a key ``except`` + ``ion"`` where the canonical tokens differ)."""
-        vocab = self.state.vocab
-        piece = vocab.pieces[token] if 0 <= token < vocab.n_vocab else b""
-        text = self.state.forced_text()
-        if not text and (after := self.at_separator()):  # JSON leaves the spacing free: the model's habit
-            self.merges[after] = token
-        self._last = piece
-        if not text:
-            return
-        if piece and (text.startswith(piece) or piece.startswith(text)):
-            if len(self.merges) >= MAX_SPELLINGS and text not in self.merges:
-                self.merges.clear()
-            self.merges[text] = token
-
-    def at_separator(self) -> bytes:
-        """When the last token taken ended with a comma or a colon of JSON's (not inside a string), its
-        key in :attr:`merges` (else nothing)."""
-        cursor = self.state.cursor if self.state.json else None
-        if cursor is None or cursor.in_string or not self._last or self._last[-1:] not in (b",", b":"):
-            return b""
-        return b"\0" + self._last[-1:]
-
-    def separator(self) -> list[int]:
-        """What the model wrote after such a comma or colon before (the walk drafts it: the spacing
-        before a key, which the grammar then forces, or before a value's opening quote)."""
-        token = self.merges.get(self.at_separator() or b"\0")
-        return [token] if token is not None else []
-
-    def walk(self, propose: Callable[[list[int]], list[int]], limit: int) -> tuple[list[int], list[bool]]:
-        return self.state.walk(propose, limit, self.merges)
-
-    def copy_source(self, prompt: bytes) -> bytes:
-        """The text an answer copies from: the prompt; under JSON, the prompt as string escapes write
-        it (a quote copied into a value is ``\\"``, a line break ``\\n``)."""
-        if not self.state.json:
-            return prompt
-        return json.dumps(prompt.decode("utf-8", "replace"), ensure_ascii=False)[1:-1].encode()
-
-    def copy_sources(self, prompt: bytes) -> tuple[bytes, ...]:
-        """:meth:`copy_source`, and first, under JSON, the same with the prompt's line breaks as spaces:
-        a value copied from wrapped text joins its lines with a space far more often than with ``\\n``
-        (the text lookup takes a match from the first rendering that has it, so a copy that does
-        keep a line break matches on in the second)."""
-        exact = self.copy_source(prompt)
-        if not self.state.json or b"\n" not in prompt:
-            return (exact,)
-        spaced = prompt.replace(b"\r\n", b"\n").replace(b"\n", b" ")
-        return self.copy_source(spaced), exact
-
-
 class ConstraintPicker:
     """The target's choice under a constraint (velollm.constraints): argmax or the request's chain,
     checked against the constraint, which advances with every picked token. Only picked tokens are
@@ -243,15 +184,6 @@ class ConstraintPicker:
         self.drafts.note(token)
         self.state.advance(token)
         return token
-
-
-def _opens_string(text: bytes) -> bool:
-    """``text`` (JSON being written) ends with a string's opening quote (or a closing one: either way
-    no copied text comes next)."""
-    if not text.endswith(b'"'):
-        return False
-    backslashes = len(text) - 1 - len(text[:-1].rstrip(b"\\"))
-    return backslashes % 2 == 0
 
 
 def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None]) -> None:
@@ -302,6 +234,8 @@ class Speculator:
                                 for n in range(1, max_ngram + 1)}
         self._draft_idle = 0
         self.spellings: dict[bytes, int] = {}  # forced text -> how the model began it (ConstraintDrafts)
+        self.closes: dict[bytes, list[int]] = {}  # how the model closes a value (ConstraintDrafts)
+        self.value_ends = ValueEnds()  # where copied values end
         self.last: RunStats | None = None
 
     def _encode(self, text: bytes) -> list[int]:
@@ -438,11 +372,14 @@ class Session:
         if drafts is not None and drafts.merges is not spec.spellings:  # spellings learnt carry over
             spec.spellings.update(drafts.merges)
             drafts.merges = spec.spellings
+            spec.closes.update(drafts.closes)
+            drafts.closes = spec.closes
         self.lookup = PromptLookup(max_ngram=spec.max_ngram)
         self.lookup.reset(prompt if self.use_lookup else ())
         self.text_lookup = TextLookup(spec._encode)
-        self.text_lookup.reset(*drafts.copy_sources(spec.runner.llama.detokenize(list(prompt)))
-                               if self.use_lookup and drafts is not None else b"")
+        if self.use_lookup and drafts is not None:
+            sources, line_ends = drafts.copy_sources(spec.runner.llama.detokenize(list(prompt), special=True))
+            self.text_lookup.reset(*sources, line_ends=line_ends)
         self.pending: list[_Pending] = []
         self.stats = RunStats(mode=mode)
         self.walks: list[_Walk] = []  # walks whose copy awaits scoring
@@ -493,19 +430,33 @@ class Session:
         return self.stats
 
     def _score_walk(self, walk: _Walk, seq: list[int], final: bool = False) -> bool:
-        """Score a walk's copy (its first run of free tokens) against the tokens that followed, whether
-        or not the walk was drafted, or only as far as it was (deep positions are learnt for free,
-        as prompt lookup's are). False while the outcome is still open."""
+        """Score a walk's copy (its first run of free tokens, up to a drafted close) against the tokens
+        that followed, whether or not the walk was drafted, or only as far as it was (deep positions
+        are learnt for free, as prompt lookup's are), and what the model wrote at each place the copy
+        could have ended. False while the outcome is still open."""
         avail = min(len(walk.tokens), len(seq) - walk.pos)
         agreed = 0
         while agreed < avail and seq[walk.pos + agreed] == walk.tokens[agreed]:
             agreed += 1
-        if agreed == avail < len(walk.tokens) and not final:
+        waiting: list[tuple[int, bytes]] = []
+        for offset, kind in walk.ends:
+            if agreed < offset:  # the output left the copy before it got there, or has not got there yet
+                if agreed == avail and not final:
+                    waiting.append((offset, kind))
+                continue
+            written = seq[walk.pos + offset:walk.pos + offset + 2]
+            if len(written) < 2 and not final:
+                waiting.append((offset, kind))
+            elif written:
+                text = self.spec.runner.llama.detokenize(written)
+                self.spec.value_ends.observe(kind, ValueEnds.classify(kind, text))
+        walk.ends = waiting
+        if (waiting or agreed == avail < len(walk.tokens)) and not final:
             return False
         forced = walk.forced
         start = forced.index(False) if False in forced else len(forced)
         end = start
-        while end < len(forced) and not forced[end]:
+        while end < len(forced) and not forced[end] and end != walk.copy_end:
             end += 1
         seen = min(end, avail)
         if seen > start and agreed >= start:
@@ -557,39 +508,69 @@ class Session:
         spec = self.spec
         matched = [0]
         at_value = [False]  # the walk stopped at a value's first token
+        odds: dict[int, float] = {}  # offset in the walk -> the odds of a drafted close (and its spacing)
+        ends: dict[int, bytes] = {}  # offset -> the kind of place where the copy could have ended
+
+        def stops(kind: bytes) -> bool:  # a place where the copy stops (the value may end there)
+            return spec.value_ends.odds(kind)["on"] <= 1.0 - STOP_MIN
+
+        def close_at(ahead: list[int], copied: list[int], kind: bytes) -> list[int]:
+            """Note a place the copy may end; draft the value's close there when that is likely."""
+            at = len(ahead) + len(copied)
+            ends.setdefault(at, kind)
+            chances = spec.value_ends.odds(kind)
+            outcome = "after" if chances["after"] > chances["close"] else "close"
+            if chances[outcome] < CLOSE_MIN:
+                return []
+            close = drafts.close(kind.partition(b"\n")[0] if outcome == "after" else b"")
+            for i in range(len(close)):
+                odds[at + i] = chances[outcome] if i == 0 else HABIT_ACCEPTANCE
+            return close
 
         def propose(ahead: list[int]) -> list[int]:
             if not self.use_lookup:
                 return []
+            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
             if not ahead and (separator := drafts.separator()):
                 return separator
-            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
-            if drafts.state.json and _opens_string(tail):
+            if ahead and (separator := drafts.separator(tail)):
+                odds[len(ahead)] = HABIT_ACCEPTANCE
+                return separator
+            if drafts.state.json and opens_string(tail):
                 at_value[0] = True
                 # a value's first token: which span it copies is anyone's guess (lookup would propose
                 # what followed the last such opening: another field's value). Leave it to the target:
                 # it comes free as the token after the forced key it ends.
                 return []
             stop = CLAUSE_END if drafts.state.json else None
-            tokens, n, unique = self.text_lookup.propose(tail, spec.max_gamma, stop)
-            if tokens:  # rank a text match like a token n-gram: 3 when it is long and found once only
-                matched[0] = matched[0] or (3 if unique and n >= UNIQUE_BYTES else 2 if unique else 1)
-                return tokens
-            if n and unique:  # the copy is at a place it may end (CLAUSE_END): the target says
-                return []
+            copy = self.text_lookup.propose(tail, spec.max_gamma, stop, ends=stops if stop else None,
+                                            value=value_begun(tail) if stop else None)
+            if copy.tokens or (copy.matched and (copy.unique or copy.anchored)):
+                # rank a text match like a token n-gram: 3 when it is long and unambiguous
+                sure = copy.unique or copy.anchored
+                matched[0] = matched[0] or (3 if sure and copy.matched >= UNIQUE_BYTES else 2 if sure else 1)
+                if copy.stop is None or not drafts.state.json:
+                    return copy.tokens
+                return [*copy.tokens, *close_at(ahead, copy.tokens, copy.stop)]
             tokens, n = (proposal, ngram) if not ahead else self.lookup.propose(spec.max_gamma, ahead)
             matched[0] = matched[0] or n
             return tokens
 
         walk, forced = drafts.walk(propose, cap)
+        copy_end = min((i for i in odds if i < len(walk) and not forced[i]), default=None)
         if not all(forced):
-            self.walks.append(_Walk(len(seq), walk, forced, max(matched[0], 1)))
+            self.walks.append(_Walk(len(seq), walk, forced, max(matched[0], 1), copy_end,
+                                    [(i, k) for i, k in sorted(ends.items()) if i <= len(walk)]))
         if walk:
             rates = spec.walk_acceptance[max(matched[0], 1)].rates()
             survival, p, run = [], 1.0, 0
-            for by_grammar in forced:  # a copied token's odds depend on how far into its copy it is
-                p *= FORCED_ACCEPTANCE if by_grammar else rates[min(run, len(rates) - 1)]
-                run = 0 if by_grammar else run + 1
+            for i, by_grammar in enumerate(forced):  # a copied token's odds depend on how far into its copy it is
+                if i in odds and not by_grammar:
+                    p *= odds[i]
+                    run = 0
+                else:
+                    p *= FORCED_ACCEPTANCE if by_grammar else rates[min(run, len(rates) - 1)]
+                    run = 0 if by_grammar else run + 1
                 survival.append(p)
             copies = not all(forced)
             choice = choose_gamma(spec.table, survival, max_gamma=len(walk), min_gain=spec.min_gain,
@@ -602,7 +583,7 @@ class Session:
                     choice = Choice(len(walk), tokens / cost, tokens, cost)
             if choice.gamma:
                 return ("forced" if all(forced[: choice.gamma]) else "walk"), choice, walk[: choice.gamma]
-        if proposal and drafts.state.json and _opens_string(spec.runner.llama.detokenize(seq[-TAIL_TOKENS:])):
+        if proposal and drafts.state.json and opens_string(spec.runner.llama.detokenize(seq[-TAIL_TOKENS:])):
             proposal, ngram = [], 0  # a value's first token (see propose)
         return self._plan(seq, cap, proposal, ngram)
 
