@@ -21,6 +21,8 @@ from typing import Any, Literal
 #: line break, a bracket. A copy is drafted up to there; if the value goes on, the target's next token
 #: (free in the verifying batch) says so and the copy resumes in the next step
 CLAUSE_END = re.compile(rb"[,.;:!?)\]>](?=\s|\\n)|\\n| \(|<")
+#: what the model writes after JSON's comma or colon that is its spacing habit (not a value's start)
+SPACING = re.compile(rb'\s*"?')
 #: forced texts whose spelling a speculator remembers (JSON keys of the schemas in use)
 MAX_SPELLINGS = 4096
 #: tokens after a value's closing quote recorded as its close (``",`` then `` "``, before the next key)
@@ -154,8 +156,8 @@ class ConstraintDrafts:
         cursor = state.cursor if state.json else None
         if cursor is not None and cursor.in_value_string and (q := closing_quote(piece, cursor.escape)) >= 0:
             self._closing = (piece[:q], [token])
-        if not text and (after := self.at_separator()):  # JSON leaves the spacing free: the model's habit
-            self.merges[after] = token
+        if not text and (after := self.at_separator()) and SPACING.fullmatch(piece):
+            self.merges[after] = token  # JSON leaves the spacing free: the model's habit (not a value's start)
         self._last = piece
         if not text:
             return
