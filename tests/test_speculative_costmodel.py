@@ -96,7 +96,7 @@ def test_online_observations_move_the_table_slowly_and_converge() -> None:
     assert table.max_batch == 2
 
 
-def test_measure_batch_costs_keeps_each_sizes_fastest_round_and_clamps() -> None:
+def test_measure_batch_costs_keeps_each_sizes_median_round_and_clamps() -> None:
     true = {1: 0.040, 2: 0.056, 3: 0.030, 4: 0.5}  # b=3 below one token and b=4 above 4 tokens are impossible
     calls: list[int] = []
     slow = {2, 7}  # a slow spell hits the first round's b=1 and the second round's b=3
@@ -105,8 +105,8 @@ def test_measure_batch_costs_keeps_each_sizes_fastest_round_and_clamps() -> None
         calls.append(b)
         return true[b] * (3.0 if len(calls) in slow else 1.0)
 
-    table = measure_batch_costs(decode, 4, repeats=2)
-    assert calls == [1, 1, 2, 3, 4, 4, 3, 2, 1]  # a warm-up, then rounds up and down
+    table = measure_batch_costs(decode, 4, repeats=3)
+    assert calls == [1, 1, 2, 3, 4, 4, 3, 2, 1, 1, 2, 3, 4]  # a warm-up, then rounds up, down, up
     assert table.ratios() == [1.0, 1.4, 1.0, 4.0]
     assert table.unit_s == pytest.approx(0.040)
 

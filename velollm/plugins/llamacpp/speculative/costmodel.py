@@ -80,24 +80,25 @@ def paired_ratio(reference: Callable[[], float], candidate: Callable[[], float],
     return statistics.median(ratios)
 
 
-def measure_batch_costs(decode: Callable[[int], float], max_batch: int, repeats: int = 3) -> CostTable:
+def measure_batch_costs(decode: Callable[[int], float], max_batch: int, repeats: int = 5) -> CostTable:
     """Time ``decode(b)`` (which returns the seconds one batch of b tokens took) for b = 1..max_batch.
 
     ``repeats`` rounds, each timing every size once (in ascending order, then descending, so drift
-    spreads over all sizes alike), and each size keeps its fastest time: noise on a shared machine
-    only ever adds time, and a slow spell that hits one size in one round no longer skews its ratio
-    (a median of three pairs did, by up to 30 %). Ratios are held to [1, b] (a batch never costs
-    less than one token, nor more than b of them); the online refinement (:meth:`CostTable.observe`)
-    takes them on from there.
+    spreads over all sizes alike); each size keeps its median. A slow spell that hits one size in one
+    round moves nothing (a median of three back-to-back pairs moved by up to 30 %), and the fastest
+    time is no better: a single token has a fast tail that made every ratio ~10 % too high. Ratios
+    are held to [1, b] (a batch never costs less than one token, nor more than b of them); the
+    online refinement (:meth:`CostTable.observe`) takes them on from there.
     """
     decode(1)  # warm the compute graph and caches
-    best = [math.inf] * max_batch
+    times: list[list[float]] = [[] for _ in range(max_batch)]
     for r in range(max(repeats, 1)):
         order = range(1, max_batch + 1) if r % 2 == 0 else range(max_batch, 0, -1)
         for b in order:
-            best[b - 1] = min(best[b - 1], decode(b))
-    unit = best[0]
-    ratios = [min(max(t / unit, 1.0), float(b)) for b, t in enumerate(best, start=1)]
+            times[b - 1].append(decode(b))
+    typical = [statistics.median(t) for t in times]
+    unit = typical[0]
+    ratios = [min(max(t / unit, 1.0), float(b)) for b, t in enumerate(typical, start=1)]
     return CostTable.from_ratios(ratios, unit)
 
 

@@ -253,7 +253,7 @@ class Speculator:
         runner = LlamaRunner(llama)
         timed = runner if costs_on is None else costs_on
         max_batch = max(1, min(max_gamma + 1, timed.n_batch))  # n_batch 1 leaves nothing to verify with
-        table = cached_costs(timed, max_batch, repeats)
+        table = cached_costs(timed, max_batch, repeats + 2)
         draft_cost = 0.0
         if draft is not None:
             draft_cost = cached_draft_cost(runner, draft.runner, repeats + 2)
