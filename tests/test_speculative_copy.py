@@ -3,6 +3,8 @@ where it likely ends, and what the model did at such places. One "token" per byt
 
 from __future__ import annotations
 
+import pytest
+
 from velollm.plugins.llamacpp.speculative.constrained import (
     CLAUSE_END,
     ValueEnds,
@@ -114,3 +116,21 @@ def test_value_ends_learn_what_the_model_did_at_each_kind_of_place() -> None:
     for _ in range(30):
         ends.observe(b",", "on")
     assert ends.odds(b",")["on"] > 0.9  # recent behaviour wins
+
+
+def test_a_walks_survival_prices_forced_copied_and_closing_tokens_apart() -> None:
+    from velollm.plugins.llamacpp.speculative.speculator import FORCED_ACCEPTANCE, walk_survival
+
+    # copy, copy, close, forced key, forced colon
+    survival = walk_survival([False, False, False, True, True], {2: 0.8}, [0.9, 0.5])
+    steps = [survival[0]] + [b / a for a, b in zip(survival, survival[1:], strict=False)]
+    assert steps == pytest.approx([0.9, 0.5, 0.8, FORCED_ACCEPTANCE, FORCED_ACCEPTANCE])
+
+
+def test_a_learnt_on_place_lets_the_copy_run_through() -> None:
+    """Commas that never ended a value stop copies no more: the list of damages is drafted whole."""
+    lookup = lookup_of(b"for any indirect, incidental, special or consequential damages, including loss")
+    stopped = lookup.propose(b"any indirect", 20, CLAUSE_END, ends=lambda kind: True)
+    assert stopped.tokens == [] and stopped.stop == b","
+    through = lookup.propose(b"any indirect", 20, CLAUSE_END, ends=lambda kind: kind != b",")
+    assert bytes(through.tokens).startswith(b", incidental, spec") and through.stop is None

@@ -186,6 +186,22 @@ class ConstraintPicker:
         return token
 
 
+def walk_survival(forced: Sequence[bool], odds: dict[int, float], rates: Sequence[float]) -> list[float]:
+    """P(the target keeps the walk's first j tokens), j = 1..len: a forced token is near-certain, a
+    copied one as likely as copies were that far into their copy, a drafted close (and the spacing
+    after it) as likely as ``odds`` says."""
+    survival, p, run = [], 1.0, 0
+    for i, by_grammar in enumerate(forced):
+        if i in odds and not by_grammar:
+            p *= odds[i]
+            run = 0
+        else:
+            p *= FORCED_ACCEPTANCE if by_grammar else rates[min(run, len(rates) - 1)]
+            run = 0 if by_grammar else run + 1
+        survival.append(p)
+    return survival
+
+
 def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None]) -> None:
     """Let the target pick at output row 0, then at row r as long as the r tokens it picked so far
     this step are the draft's first r (row r's logits follow them): the first disagreement, the
@@ -562,16 +578,7 @@ class Session:
             self.walks.append(_Walk(len(seq), walk, forced, max(matched[0], 1), copy_end,
                                     [(i, k) for i, k in sorted(ends.items()) if i <= len(walk)]))
         if walk:
-            rates = spec.walk_acceptance[max(matched[0], 1)].rates()
-            survival, p, run = [], 1.0, 0
-            for i, by_grammar in enumerate(forced):  # a copied token's odds depend on how far into its copy it is
-                if i in odds and not by_grammar:
-                    p *= odds[i]
-                    run = 0
-                else:
-                    p *= FORCED_ACCEPTANCE if by_grammar else rates[min(run, len(rates) - 1)]
-                    run = 0 if by_grammar else run + 1
-                survival.append(p)
+            survival = walk_survival(forced, odds, spec.walk_acceptance[max(matched[0], 1)].rates())
             copies = not all(forced)
             choice = choose_gamma(spec.table, survival, max_gamma=len(walk), min_gain=spec.min_gain,
                                   force=self.mode == "lookup" and copies)
