@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from velollm.plugins.llamacpp.runner import ContextRunner, LlamaRunner
 from velollm.plugins.llamacpp.speculative.constrained import (
     CLAUSE_END,
@@ -52,8 +54,13 @@ DEFAULT_MAX_GAMMA = 8
 TAIL_TOKENS = 8
 #: a text match this long that occurs once in the prompt is an unambiguous copy
 UNIQUE_BYTES = 6
-#: how often the target keeps a token the grammar forces (it may spell the same text in other tokens)
+#: how often the target keeps a token the grammar forces (it may spell the same text in other tokens),
+#: before evidence: each speculator learns its own rate from every forced token a walk drafted
 FORCED_ACCEPTANCE = 0.95
+#: a verified row whose best two tokens' logits are closer than this is not trusted: a batch sums in
+#: another order than one token does, and greedy near ties flip (measured: under ~0.1); the step
+#: ends before it and that position is decoded alone, so the answer stays vanilla decoding's
+NEAR_TIE = 0.15
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
 EXPLORE_AFTER = 64
 
@@ -77,12 +84,15 @@ class RunStats:
     table_cost: float = 0.0
     draft_evaluated: int = 0
     stepped_aside: int = 0  # batch steps shared with other sequences, where speculation stepped aside
+    near_ties: int = 0  # steps ended before a near tie, to decode that position alone (NEAR_TIE)
 
-    def record(self, source: Source, choice: Choice, drafted: int, accepted: int, table_cost: float) -> None:
+    def record(self, source: Source, choice: Choice, drafted: int, accepted: int, table_cost: float,
+               bonus: bool = True) -> None:
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.produced += accepted + 1
+        self.produced += accepted + int(bonus)
+        self.near_ties += int(not bonus)
         self.expected_tokens += choice.expected_tokens
         self.expected_cost += choice.cost
         self.table_cost += table_cost
@@ -112,6 +122,7 @@ class RunStats:
             "modelled_speedup": self.produced / self.table_cost if self.table_cost else 1.0,
             "draft_evaluated": self.draft_evaluated,
             "stepped_aside": self.stepped_aside,
+            "near_ties": self.near_ties,
         }
 
 
@@ -137,14 +148,30 @@ class _Walk:
     ends: list[tuple[int, bytes]] = field(default_factory=list)
 
 
+def runner_up_gap(row: np.ndarray) -> tuple[int, int, float]:
+    """The best and second-best token of a logits row and the gap between their logits."""
+    first = int(np.argmax(row))
+    top = row[first]
+    row[first] = -np.inf  # a view of llama.cpp's buffer: put back below
+    second = int(np.argmax(row))
+    row[first] = top
+    return first, second, float(top - row[second])
+
+
 class GreedyPicker:
     """The target's argmax at output ``i``: exactly what greedy vanilla decoding picks."""
 
     def __init__(self, runner: LlamaRunner) -> None:
         self.argmax = runner.argmax
+        self.logits = runner.logits
 
     def __call__(self, i: int) -> int:
         return self.argmax(i)
+
+    def near_tie(self, i: int) -> bool:
+        """Output ``i``'s best two tokens are so close that batch numerics may swap them (see
+        :data:`NEAR_TIE`): the speculator recomputes that position alone, as vanilla decoding does."""
+        return runner_up_gap(self.logits(i))[2] < NEAR_TIE
 
 
 class ChainPicker:
@@ -185,8 +212,16 @@ class ConstraintPicker:
         self.state.advance(token)
         return token
 
+    def near_tie(self, i: int) -> bool:
+        """As :meth:`GreedyPicker.near_tie`, between two tokens the constraint allows (greedy only)."""
+        if self.chain is not None:
+            return False
+        first, second, gap = runner_up_gap(self.runner.logits(i))
+        return gap < NEAR_TIE and self.state.allows(first) and self.state.allows(second)
 
-def walk_survival(forced: Sequence[bool], odds: dict[int, float], rates: Sequence[float]) -> list[float]:
+
+def walk_survival(forced: Sequence[bool], odds: dict[int, float], rates: Sequence[float],
+                  forced_rate: float = FORCED_ACCEPTANCE) -> list[float]:
     """P(the target keeps the walk's first j tokens), j = 1..len: a forced token is near-certain, a
     copied one as likely as copies were that far into their copy, a drafted close (and the spacing
     after it) as likely as ``odds`` says."""
@@ -196,22 +231,30 @@ def walk_survival(forced: Sequence[bool], odds: dict[int, float], rates: Sequenc
             p *= odds[i]
             run = 0
         else:
-            p *= FORCED_ACCEPTANCE if by_grammar else rates[min(run, len(rates) - 1)]
+            p *= forced_rate if by_grammar else rates[min(run, len(rates) - 1)]
             run = 0 if by_grammar else run + 1
         survival.append(p)
     return survival
 
 
-def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None]) -> None:
+def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None],
+           near_tie: Callable[[int], bool] | None = None) -> bool:
     """Let the target pick at output row 0, then at row r as long as the r tokens it picked so far
     this step are the draft's first r (row r's logits follow them): the first disagreement, the
     token after a fully agreed draft, or the end of the sequence ends the step. ``pick_row(r)``
     picks (advancing the picker's state, so it must only see tokens that stay) and returns every
     token picked this step, or None once the sequence ended. Shared by :meth:`Speculator.run` and
-    the batch decoder (:mod:`velollm.plugins.llamacpp.batch`)."""
+    the batch decoder (:mod:`velollm.plugins.llamacpp.batch`).
+
+    ``near_tie(r)``: row r's choice is too close to call in a batch; the step then ends before
+    picking there (True is returned) and the caller decodes that position alone."""
     row = 0
-    while (picked := pick_row(row)) is not None and row < len(picked) <= len(draft) \
-            and list(picked) == list(draft[:len(picked)]):
+    while True:
+        if near_tie is not None and near_tie(row):
+            return True
+        picked = pick_row(row)
+        if picked is None or not (row < len(picked) <= len(draft) and list(picked) == list(draft[:len(picked)])):
+            return False
         row = len(picked)
 
 
@@ -252,6 +295,8 @@ class Speculator:
         self.spellings: dict[bytes, int] = {}  # forced text -> how the model began it (ConstraintDrafts)
         self.closes: dict[bytes, list[int]] = {}  # how the model closes a value (ConstraintDrafts)
         self.value_ends = ValueEnds()  # where copied values end
+        # forced text drafted as the model spelled it before: kept nearly always (scored per token)
+        self.forced_acceptance = AcceptanceModel(1, prior=FORCED_ACCEPTANCE, prior_weight=20.0, decay=0.99)
         self.last: RunStats | None = None
 
     def _encode(self, text: bytes) -> list[int]:
@@ -296,6 +341,7 @@ class Speculator:
                 **{f"lookup_{n}gram": m.snapshot() for n, m in self.lookup_acceptance.items()},
                 "draft": self.draft_acceptance.snapshot(),
                 **{f"walk_{n}gram": m.snapshot() for n, m in self.walk_acceptance.items()},
+                "forced": self.forced_acceptance.snapshot(),
             },
         }
 
@@ -332,20 +378,23 @@ class Speculator:
             seq.append(token)
             yield [token]
             produced = 1
+            alone = False  # a near tie: decode the next position alone, as vanilla decoding does
+            near_tie = getattr(pick, "near_tie", None)
             while produced < max_new and not is_end(seq[-1]):
-                draft = session.plan(seq, min(self.max_gamma, max_new - produced - 1))
+                draft = [] if alone else session.plan(seq, min(self.max_gamma, max_new - produced - 1))
                 n_past = len(runner.kv)
                 batch = [seq[-1], *draft]
                 elapsed = runner.feed(batch, all_logits=bool(draft))
                 self.table.observe(len(batch), elapsed)
                 new: list[int] = []
-                verify(draft, functools.partial(_pick_into, pick, new, is_end))
-                accepted = len(new) - 1
-                runner.truncate(n_past + 1 + accepted)
+                alone = verify(draft, functools.partial(_pick_into, pick, new, is_end), near_tie if draft else None)
+                kept = len(new) if alone else len(new) - 1  # drafted tokens kept
+                runner.truncate(n_past + 1 + kept - (1 if alone else 0))
                 seq.extend(new)
-                session.settle(seq, accepted)
+                session.settle(seq, kept, bonus=not alone)
                 produced += len(new)
-                yield new
+                if new:
+                    yield new
         finally:
             session.finish(seq)
 
@@ -424,13 +473,14 @@ class Session:
             self._step = self._plan(seq, cap, proposal, ngram)
         return self._step[2]
 
-    def settle(self, seq: list[int], accepted: int) -> None:
-        """The planned step kept ``accepted`` draft tokens; ``seq`` is every token so far."""
+    def settle(self, seq: list[int], accepted: int, bonus: bool = True) -> None:
+        """The planned step kept ``accepted`` draft tokens (and the target's own next one, unless it
+        stopped at a near tie: ``bonus``); ``seq`` is every token so far."""
         spec = self.spec
         source, choice, draft = self._step
         self._step = ("plain", PLAIN, [])
         self.stats.record(source, choice, len(draft), accepted, spec.table.relative(len(draft) + 1)
-                          + (spec.draft_cost * len(draft) if source == "draft" else 0.0))
+                          + (spec.draft_cost * len(draft) if source == "draft" else 0.0), bonus)
         if source == "draft":
             spec.draft_acceptance.observe(len(draft), accepted)
         self._catch_up(seq)
@@ -470,6 +520,9 @@ class Session:
         if (waiting or agreed == avail < len(walk.tokens)) and not final:
             return False
         forced = walk.forced
+        for j in range(min(agreed + 1, avail)):  # every forced token the output reached
+            if forced[j]:
+                self.spec.forced_acceptance.observe(1, int(j < agreed))
         start = forced.index(False) if False in forced else len(forced)
         end = start
         while end < len(forced) and not forced[end] and end != walk.copy_end:
@@ -574,11 +627,12 @@ class Session:
 
         walk, forced = drafts.walk(propose, cap)
         copy_end = min((i for i in odds if i < len(walk) and not forced[i]), default=None)
-        if not all(forced):
+        if walk:
             self.walks.append(_Walk(len(seq), walk, forced, max(matched[0], 1), copy_end,
                                     [(i, k) for i, k in sorted(ends.items()) if i <= len(walk)]))
         if walk:
-            survival = walk_survival(forced, odds, spec.walk_acceptance[max(matched[0], 1)].rates())
+            survival = walk_survival(forced, odds, spec.walk_acceptance[max(matched[0], 1)].rates(),
+                                     spec.forced_acceptance.rates()[0])
             copies = not all(forced)
             choice = choose_gamma(spec.table, survival, max_gamma=len(walk), min_gain=spec.min_gain,
                                   force=self.mode == "lookup" and copies)
