@@ -134,26 +134,3 @@ def test_a_learnt_on_place_lets_the_copy_run_through() -> None:
     assert stopped.tokens == [] and stopped.stop == b","
     through = lookup.propose(b"any indirect", 20, CLAUSE_END, ends=lambda kind: kind != b",")
     assert bytes(through.tokens).startswith(b", incidental, spec") and through.stop is None
-
-
-def test_verification_stops_before_a_near_tie() -> None:
-    """A row whose best two tokens are nearly equal is not picked in the batch: the step keeps the
-    draft tokens picked before it and the caller decodes that position alone."""
-    import numpy as np
-
-    from velollm.plugins.llamacpp.speculative.speculator import NEAR_TIE, runner_up_gap, verify
-
-    picked: list[int] = []
-
-    def pick_row(row: int) -> list[int]:
-        picked.append([5, 6, 7, 8][row])
-        return picked
-
-    assert verify([5, 6, 7], pick_row, near_tie=lambda row: row == 2) is True
-    assert picked == [5, 6]
-    picked.clear()
-    assert verify([5, 6, 7], pick_row, near_tie=lambda row: False) is False
-    assert picked == [5, 6, 7, 8]  # the whole draft and the target's own next token
-    row = np.array([0.0, 3.0, 3.0 - NEAR_TIE / 2, 1.0], dtype=np.float32)
-    assert runner_up_gap(row)[:2] == (1, 2) and runner_up_gap(row)[2] < NEAR_TIE
-    assert row[1] == 3.0  # the row is left as it was

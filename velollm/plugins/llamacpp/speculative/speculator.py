@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-
 from velollm.plugins.llamacpp.runner import ContextRunner, LlamaRunner
 from velollm.plugins.llamacpp.speculative.constrained import (
     CLAUSE_END,
@@ -57,10 +55,6 @@ UNIQUE_BYTES = 6
 #: how often the target keeps a token the grammar forces (it may spell the same text in other tokens),
 #: before evidence: each speculator learns its own rate from every forced token a walk drafted
 FORCED_ACCEPTANCE = 0.95
-#: a verified row whose best two tokens' logits are closer than this is not trusted: a batch sums in
-#: another order than one token does, and greedy near ties flip (measured: under ~0.1); the step
-#: ends before it and that position is decoded alone, so the answer stays vanilla decoding's
-NEAR_TIE = 0.15
 #: steps a drafter may go unused before its acceptance estimate is pulled back toward its prior
 EXPLORE_AFTER = 64
 
@@ -84,15 +78,12 @@ class RunStats:
     table_cost: float = 0.0
     draft_evaluated: int = 0
     stepped_aside: int = 0  # batch steps shared with other sequences, where speculation stepped aside
-    near_ties: int = 0  # steps ended before a near tie, to decode that position alone (NEAR_TIE)
 
-    def record(self, source: Source, choice: Choice, drafted: int, accepted: int, table_cost: float,
-               bonus: bool = True) -> None:
+    def record(self, source: Source, choice: Choice, drafted: int, accepted: int, table_cost: float) -> None:
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.produced += accepted + int(bonus)
-        self.near_ties += int(not bonus)
+        self.produced += accepted + 1
         self.expected_tokens += choice.expected_tokens
         self.expected_cost += choice.cost
         self.table_cost += table_cost
@@ -122,7 +113,6 @@ class RunStats:
             "modelled_speedup": self.produced / self.table_cost if self.table_cost else 1.0,
             "draft_evaluated": self.draft_evaluated,
             "stepped_aside": self.stepped_aside,
-            "near_ties": self.near_ties,
         }
 
 
@@ -148,30 +138,14 @@ class _Walk:
     ends: list[tuple[int, bytes]] = field(default_factory=list)
 
 
-def runner_up_gap(row: np.ndarray) -> tuple[int, int, float]:
-    """The best and second-best token of a logits row and the gap between their logits."""
-    first = int(np.argmax(row))
-    top = row[first]
-    row[first] = -np.inf  # a view of llama.cpp's buffer: put back below
-    second = int(np.argmax(row))
-    row[first] = top
-    return first, second, float(top - row[second])
-
-
 class GreedyPicker:
     """The target's argmax at output ``i``: exactly what greedy vanilla decoding picks."""
 
     def __init__(self, runner: LlamaRunner) -> None:
         self.argmax = runner.argmax
-        self.logits = runner.logits
 
     def __call__(self, i: int) -> int:
         return self.argmax(i)
-
-    def near_tie(self, i: int) -> bool:
-        """Output ``i``'s best two tokens are so close that batch numerics may swap them (see
-        :data:`NEAR_TIE`): the speculator recomputes that position alone, as vanilla decoding does."""
-        return runner_up_gap(self.logits(i))[2] < NEAR_TIE
 
 
 class ChainPicker:
@@ -212,13 +186,6 @@ class ConstraintPicker:
         self.state.advance(token)
         return token
 
-    def near_tie(self, i: int) -> bool:
-        """As :meth:`GreedyPicker.near_tie`, between two tokens the constraint allows (greedy only)."""
-        if self.chain is not None:
-            return False
-        first, second, gap = runner_up_gap(self.runner.logits(i))
-        return gap < NEAR_TIE and self.state.allows(first) and self.state.allows(second)
-
 
 def walk_survival(forced: Sequence[bool], odds: dict[int, float], rates: Sequence[float],
                   forced_rate: float = FORCED_ACCEPTANCE) -> list[float]:
@@ -237,24 +204,16 @@ def walk_survival(forced: Sequence[bool], odds: dict[int, float], rates: Sequenc
     return survival
 
 
-def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None],
-           near_tie: Callable[[int], bool] | None = None) -> bool:
+def verify(draft: Sequence[int], pick_row: Callable[[int], Sequence[int] | None]) -> None:
     """Let the target pick at output row 0, then at row r as long as the r tokens it picked so far
     this step are the draft's first r (row r's logits follow them): the first disagreement, the
     token after a fully agreed draft, or the end of the sequence ends the step. ``pick_row(r)``
     picks (advancing the picker's state, so it must only see tokens that stay) and returns every
     token picked this step, or None once the sequence ended. Shared by :meth:`Speculator.run` and
-    the batch decoder (:mod:`velollm.plugins.llamacpp.batch`).
-
-    ``near_tie(r)``: row r's choice is too close to call in a batch; the step then ends before
-    picking there (True is returned) and the caller decodes that position alone."""
+    the batch decoder (:mod:`velollm.plugins.llamacpp.batch`)."""
     row = 0
-    while True:
-        if near_tie is not None and near_tie(row):
-            return True
-        picked = pick_row(row)
-        if picked is None or not (row < len(picked) <= len(draft) and list(picked) == list(draft[:len(picked)])):
-            return False
+    while (picked := pick_row(row)) is not None and row < len(picked) <= len(draft) \
+            and list(picked) == list(draft[:len(picked)]):
         row = len(picked)
 
 
@@ -378,23 +337,20 @@ class Speculator:
             seq.append(token)
             yield [token]
             produced = 1
-            alone = False  # a near tie: decode the next position alone, as vanilla decoding does
-            near_tie = getattr(pick, "near_tie", None)
             while produced < max_new and not is_end(seq[-1]):
-                draft = [] if alone else session.plan(seq, min(self.max_gamma, max_new - produced - 1))
+                draft = session.plan(seq, min(self.max_gamma, max_new - produced - 1))
                 n_past = len(runner.kv)
                 batch = [seq[-1], *draft]
                 elapsed = runner.feed(batch, all_logits=bool(draft))
                 self.table.observe(len(batch), elapsed)
                 new: list[int] = []
-                alone = verify(draft, functools.partial(_pick_into, pick, new, is_end), near_tie if draft else None)
-                kept = len(new) if alone else len(new) - 1  # drafted tokens kept
-                runner.truncate(n_past + 1 + kept - (1 if alone else 0))
+                verify(draft, functools.partial(_pick_into, pick, new, is_end))
+                accepted = len(new) - 1
+                runner.truncate(n_past + 1 + accepted)
                 seq.extend(new)
-                session.settle(seq, kept, bonus=not alone)
+                session.settle(seq, accepted)
                 produced += len(new)
-                if new:
-                    yield new
+                yield new
         finally:
             session.finish(seq)
 
@@ -473,14 +429,13 @@ class Session:
             self._step = self._plan(seq, cap, proposal, ngram)
         return self._step[2]
 
-    def settle(self, seq: list[int], accepted: int, bonus: bool = True) -> None:
-        """The planned step kept ``accepted`` draft tokens (and the target's own next one, unless it
-        stopped at a near tie: ``bonus``); ``seq`` is every token so far."""
+    def settle(self, seq: list[int], accepted: int) -> None:
+        """The planned step kept ``accepted`` draft tokens; ``seq`` is every token so far."""
         spec = self.spec
         source, choice, draft = self._step
         self._step = ("plain", PLAIN, [])
         self.stats.record(source, choice, len(draft), accepted, spec.table.relative(len(draft) + 1)
-                          + (spec.draft_cost * len(draft) if source == "draft" else 0.0), bonus)
+                          + (spec.draft_cost * len(draft) if source == "draft" else 0.0))
         if source == "draft":
             spec.draft_acceptance.observe(len(draft), accepted)
         self._catch_up(seq)
@@ -630,7 +585,6 @@ class Session:
         if walk:
             self.walks.append(_Walk(len(seq), walk, forced, max(matched[0], 1), copy_end,
                                     [(i, k) for i, k in sorted(ends.items()) if i <= len(walk)]))
-        if walk:
             survival = walk_survival(forced, odds, spec.walk_acceptance[max(matched[0], 1)].rates(),
                                      spec.forced_acceptance.rates()[0])
             copies = not all(forced)
