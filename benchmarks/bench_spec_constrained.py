@@ -119,10 +119,11 @@ def main() -> None:
                          "total_s": statistics.fmean(x["total_s"] for x in r),
                          "decode_speedup": statistics.fmean(ratios), "total_speedup": statistics.fmean(totals),
                          "same_output": all(x["text"] == b["text"] for x, b in zip(r, base, strict=True)),
+                         "same_runs": sum(x["text"] == b["text"] for x, b in zip(r, base, strict=True)),
                          "tokens": r[0]["tokens"], "acceptance": r[0]["acceptance"], "by_source": r[0]["by_source"]}
             print(f"{name:11} {mode:7} {row[mode]['decode_tok_s']:6.2f} tok/s  {row[mode]['total_s']:6.2f} s  "
                   f"decode x{row[mode]['decode_speedup']:.2f} total x{row[mode]['total_speedup']:.2f}  "
-                  f"same={row[mode]['same_output']} tokens={row[mode]['tokens']} "
+                  f"same={row[mode]['same_runs']}/{len(r)} tokens={row[mode]['tokens']} "
                   f"acceptance={row[mode]['acceptance'] or 0:.2f} by_source={row[mode]['by_source']}",
                   flush=True)
         results[name] = row
