@@ -554,9 +554,9 @@ class Session:
         def propose(ahead: list[int]) -> list[int]:
             if not self.use_lookup:
                 return []
-            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
             if not ahead and (separator := drafts.separator()):
-                return separator
+                return separator  # no detokenizing needed: the picked tokens say it
+            tail = spec.runner.llama.detokenize([*seq[-TAIL_TOKENS:], *ahead])
             if ahead and (separator := drafts.separator(tail)):
                 odds[len(ahead)] = HABIT_ACCEPTANCE
                 return separator
