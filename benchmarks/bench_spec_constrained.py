@@ -10,6 +10,12 @@ drafts along the grammar: the tokens it forces (keys, punctuation) joined with p
 of the input (``ConstraintState.walk``); the cost model keeps only drafts it expects to pay on this
 machine's measured batch costs. Target: >= 1.3x decode tok/s on Qwen 1.5B, same output.
 
+"Same output" is checked twice. ``same=k/n``: runs whose text equals the plain run's. And every run
+against greedy decoding replayed one token at a time (:mod:`velollm.plugins.llamacpp.agreement`):
+where a text differs, the replay's top-2 logit gap at the first differing byte says whether that was
+a near tie (< 0.25; a verified batch rounds differently from one token, as another CPU would) or a
+decisive token (a speculation bug). The last line counts both.
+
 ``--no-tiled`` sets ``GGML_CPU_TILED_MM=0`` for the process: llama.cpp's tiled K-quant matmul takes
 every batch of >= 8 rows for the weights it does not repack (Q6_K here: the output head, half the
 ffn_down and attn_v), and on a 2-core AVX-512 machine it made a batch of 8 cost ~6.1x one token
@@ -27,6 +33,7 @@ from velollm.engine import GenerationRequest, LoadOptions
 from velollm.hardware import default_threads
 from velollm.models import resolve
 from velollm.plugins.llamacpp import LlamaCppBackend
+from velollm.plugins.llamacpp.agreement import first_divergence, greedy_steps
 
 EMAIL = """From: Margaret Okonkwo-Lindqvist <m.okonkwo@harborlight-logistics.com>
 Subject: Delayed shipment PO-2024-11873
@@ -98,11 +105,11 @@ def main() -> None:
     results: dict = {}
     for name, text, schema in TASKS:
         runs: dict[str, list[dict]] = {m: [] for m in modes}
+        request = GenerationRequest(messages=ask(text), json_schema=schema, temperature=0.0, max_tokens=args.max_tokens)
         for it in range(args.iterations + 1):  # iteration 0 warms up (and teaches the acceptance models)
             for mode in modes:
                 engine.reset_cache()
-                c = engine.generate(GenerationRequest(messages=ask(text), json_schema=schema, temperature=0.0,
-                                                      max_tokens=args.max_tokens, extra={"speculative": mode}))
+                c = engine.generate(request.model_copy(update={"extra": {"speculative": mode}}))
                 json.loads(c.text)  # a constrained answer always parses
                 if it:
                     extra = c.timings.extra or {}
@@ -110,6 +117,13 @@ def main() -> None:
                                        "decode_tok_s": c.timings.decode_tokens_per_s, "total_s": c.timings.total_s,
                                        "acceptance": extra.get("acceptance_rate"), "by_source": extra.get("by_source")})
         base = runs[modes[0]]
+        reference = greedy_steps(engine, request)  # one token at a time: where do differing answers part?
+        for mode in modes:
+            for x in runs[mode]:
+                divergence = first_divergence(reference, x["text"])
+                x["parts"] = None if divergence is None else {"gap": round(divergence.gap, 4),
+                                                              "near_tie": divergence.near_tie,
+                                                              "describe": divergence.describe()}
         row = {}
         for mode in modes:
             r = runs[mode]
@@ -120,16 +134,24 @@ def main() -> None:
                          "decode_speedup": statistics.fmean(ratios), "total_speedup": statistics.fmean(totals),
                          "same_output": all(x["text"] == b["text"] for x, b in zip(r, base, strict=True)),
                          "same_runs": sum(x["text"] == b["text"] for x, b in zip(r, base, strict=True)),
+                         "parted": [x["parts"] for x in r if x["parts"]],
                          "tokens": r[0]["tokens"], "acceptance": r[0]["acceptance"], "by_source": r[0]["by_source"]}
             print(f"{name:11} {mode:7} {row[mode]['decode_tok_s']:6.2f} tok/s  {row[mode]['total_s']:6.2f} s  "
                   f"decode x{row[mode]['decode_speedup']:.2f} total x{row[mode]['total_speedup']:.2f}  "
                   f"same={row[mode]['same_runs']}/{len(r)} tokens={row[mode]['tokens']} "
                   f"acceptance={row[mode]['acceptance'] or 0:.2f} by_source={row[mode]['by_source']}",
                   flush=True)
+            for parts in row[mode]["parted"]:
+                print(f"{'':19} {parts['describe']}")
         results[name] = row
     for mode in modes[1:]:
         ratios = [results[t][mode]["decode_speedup"] for t in results]
         print(f"geomean decode speedup {mode}: x{statistics.geometric_mean(ratios):.2f}")
+    parted = [p for t in results.values() for m in modes for p in t[m]["parted"]]
+    n_runs = len(results) * len(modes) * args.iterations
+    print(f"greedy agreement ({n_runs} runs, replayed one token at a time): {n_runs - len(parted)} identical, "
+          f"{sum(p['near_tie'] for p in parted)} parted at a near tie (gaps "
+          f"{sorted(p['gap'] for p in parted if p['near_tie'])}), {sum(not p['near_tie'] for p in parted)} decisive")
     engine.close()
     print(f"load average {os.getloadavg()}")
     if args.output:

@@ -15,6 +15,7 @@ import pytest
 from velollm.engine import Engine, GenerationRequest, LoadOptions
 from velollm.errors import IncompatibleDraftModel, InvalidRequest, UnsupportedFeature
 from velollm.plugins.llamacpp import LlamaCppBackend
+from velollm.plugins.llamacpp.agreement import agrees
 
 CODE = '''def compute_total(items, tax_rate):
     subtotal = 0
@@ -41,13 +42,21 @@ def spec_engine(qwen_path: Path) -> Iterator[Engine]:
     engine.close()
 
 
+def assert_greedy(engine: Engine, request: GenerationRequest, text: str) -> None:
+    """``text`` is the target's one-token-at-a-time greedy answer, or parts from it only where greedy
+    is a near tie (batched verification rounds differently; velollm.plugins.llamacpp.agreement)."""
+    divergence = agrees(engine, request, text)
+    assert divergence is None or divergence.near_tie, divergence.describe()
+
+
 def test_every_mode_gives_the_targets_greedy_output(spec_engine: Engine) -> None:
     outputs = {}
     for mode in ("off", "auto", "lookup", "draft"):
-        c = spec_engine.generate(req(messages=EDIT, extra={"speculative": mode}))
-        outputs[mode] = (c.text, c.usage.completion_tokens, c.finish_reason)
-    assert "invoice_total" in outputs["off"][0] and "subtotal += item.price" in outputs["off"][0]
-    assert outputs["auto"] == outputs["lookup"] == outputs["draft"] == outputs["off"]
+        request = req(messages=EDIT, extra={"speculative": mode})
+        c = spec_engine.generate(request)
+        outputs[mode] = c.text
+        assert_greedy(spec_engine, request, c.text)
+    assert "invoice_total" in outputs["off"] and "subtotal += item.price" in outputs["off"]
 
 
 def test_metrics_are_reported_and_consistent(spec_engine: Engine) -> None:
@@ -136,8 +145,9 @@ def test_a_constraint_verifies_drafts_and_drafts_its_forced_tokens(spec_engine: 
                                        "(invoice_total) and its arguments, as JSON.\n\n" + CODE}]
     plain = spec_engine.generate(req(messages=ask, json_schema=schema, max_tokens=60, extra={"speculative": "off"}))
     for mode in ("lookup", "draft"):
-        spec = spec_engine.generate(req(messages=ask, json_schema=schema, max_tokens=60, extra={"speculative": mode}))
-        assert spec.text == plain.text, mode
+        request = req(messages=ask, json_schema=schema, max_tokens=60, extra={"speculative": mode})
+        spec = spec_engine.generate(request)
+        assert_greedy(spec_engine, request, spec.text)
         by_source = spec.timings.extra["by_source"]
         assert sum(source["accepted"] for source in by_source.values()) > 0, by_source
         if mode == "lookup":  # the cost model may prefer the draft model to forced-only walks in "draft"
