@@ -82,6 +82,11 @@ def test_summarize_and_agreement_on_synthetic_samples() -> None:
     assert a.agreement is not None and a.agreement.identical == 2 and a.agreement.agreement_rate == 1.0
     assert b.agreement is not None and b.agreement.identical == 0 and b.agreement.first_difference == 4
     assert b.agreement.agreement_rate == pytest.approx(0.4)
+    assert (b.agreement.near_ties, b.agreement.decisive) == (0, 0)  # not replayed: nothing classified
+    samples[-1].parting_gap = 0.08
+    assert (agreement(samples[4:5], samples[5:]).near_ties, agreement(samples[4:5], samples[5:]).decisive) == (1, 0)
+    samples[-1].parting_gap = 1.3
+    assert agreement(samples[4:5], samples[5:]).decisive == 1
     assert summary.by_category["code"].value == pytest.approx(1.4) and summary.by_category["prose"].value == 1.0
     assert summary.speedup is not None and summary.speedup.value == pytest.approx(1.2)
     assert agreement([], samples[1:2]).compared == 0
@@ -131,6 +136,8 @@ def test_bench_command_writes_the_documented_json(gemma_path: Path, tmp_path: Pa
         assert set(first[mode]["tokens_per_s"]) == {"n", "mean", "stddev", "min", "max"}
     assert set(first["speedup"]) == {"value", "stddev"} and first["speedup"]["value"] > 0
     assert first["agreement"]["compared"] == 2
+    for p in data["summary"]["prompts"]:  # differing runs (if any) were replayed: only near ties may differ
+        assert p["agreement"]["decisive"] == 0, p["agreement"]
     assert first["drafted"] > 0  # the counting prompt repeats itself: lookup drafts
     BenchReport.model_validate(data)  # and it reads back into the typed report
     printed = capsys.readouterr().out

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from velollm.engine import Completion, Engine, GenerationRequest
 from velollm.errors import InvalidRequest, UnsupportedFeature
+from velollm.plugins.llamacpp.agreement import NEAR_TIE, first_divergence, greedy_steps
 
 SCHEMA = "velollm.plugins.llamacpp.bench/1"
 
@@ -183,6 +184,9 @@ class Sample(BaseModel):
     finish_reason: str
     text: str
     speculation: dict[str, Any] = Field(default_factory=dict)
+    #: greedy's top-2 logit gap where this text parts from greedy decoding replayed one token at a
+    #: time (velollm.plugins.llamacpp.agreement); None: the same text, or not checked
+    parting_gap: float | None = None
 
 
 class ModeSummary(BaseModel):
@@ -198,6 +202,8 @@ class Agreement(BaseModel):
     compared: int
     first_difference: int | None = None  # token index of the first difference, in the first differing run
     agreement_rate: float = 1.0  # mean share of vanilla tokens before the first difference
+    near_ties: int = 0  # differing runs that part from greedy where its top two were within NEAR_TIE
+    decisive: int = 0  # differing runs that part from greedy at a clear choice (a speculation bug)
 
 
 class PromptSummary(BaseModel):
@@ -338,6 +344,8 @@ def run(engine: Engine, config: BenchConfig, *, progress: Callable[[str], None] 
                 if progress:
                     progress(f"{prompt.name} {mode} #{iteration + 1}")
     machine["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if config.temperature == 0 and not config.skip_vanilla:
+        check_partings(engine, config, samples)
     tokenize = getattr(engine, "tokenize", None)
     summary = summarize(config, samples, tokenize)
     summary.verdict = verdict(engine.speculation, summary.paired_speedup)
@@ -405,5 +413,22 @@ def agreement(vanilla: Sequence[Sample], spec: Sequence[Sample],
         else:
             first = diff if first is None else first
             rates.append(diff / max(len(a), 1))
+    gaps = [s.parting_gap for s in spec if s.parting_gap is not None]
     return Agreement(identical=identical, compared=compared, first_difference=first,
-                     agreement_rate=statistics.fmean(rates) if rates else 1.0)
+                     agreement_rate=statistics.fmean(rates) if rates else 1.0,
+                     near_ties=sum(g < NEAR_TIE for g in gaps), decisive=sum(g >= NEAR_TIE for g in gaps))
+
+
+def check_partings(engine: Engine, config: BenchConfig, samples: Sequence[Sample]) -> None:
+    """Set ``parting_gap`` on every speculative sample whose text differs from its iteration's vanilla
+    one: where it parts from greedy replayed one token at a time (one replay per prompt)."""
+    for prompt in config.prompts:
+        vanilla = {s.iteration: s.text for s in samples if s.prompt == prompt.name and s.mode == "vanilla"}
+        differing = [s for s in samples if s.prompt == prompt.name and s.mode != "vanilla"
+                     and s.iteration in vanilla and s.text != vanilla[s.iteration]]
+        if not differing:
+            continue
+        steps = greedy_steps(engine, _request(config, prompt, "vanilla"))
+        for s in differing:
+            parting = first_divergence(steps, s.text)
+            s.parting_gap = None if parting is None else parting.gap

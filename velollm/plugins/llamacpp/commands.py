@@ -156,7 +156,9 @@ def print_report(report: Any, console: Any) -> None:
             if is_spec and p.agreement is not None:
                 a = p.agreement
                 agree = (f"identical {a.identical}/{a.compared}" if a.identical == a.compared
-                         else f"{a.identical}/{a.compared}, first diff @{a.first_difference} ({a.agreement_rate:.0%})")
+                         else f"{a.identical}/{a.compared}, first diff @{a.first_difference} ({a.agreement_rate:.0%})"
+                         + (f", {a.near_ties} at near ties" if a.near_ties else "")
+                         + (f", {a.decisive} DECISIVE" if a.decisive else ""))
             table.append((
                 p.prompt if not is_spec or not p.vanilla else "", name, str(m.tokens_per_s),
                 f"{m.tokens_per_s.min:.2f}", f"{m.tokens_per_s.max:.2f}",
