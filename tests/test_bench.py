@@ -147,3 +147,25 @@ def test_bench_command_writes_the_documented_json(gemma_path: Path, tmp_path: Pa
     assert summary["paired_speedup"]["n"] == 4 and summary["paired_speedup"]["se"] >= 0
     assert summary["total_speedup"]["value"] > 0 and summary["verdict"]
     assert "paired interleaved runs" in printed and "total-time speedup" in printed and "verdict:" in printed
+
+
+def test_a_differing_run_is_replayed_and_where_it_parts_is_recorded(gemma_path: Path) -> None:
+    from velollm.engine import LoadOptions
+    from velollm.plugins.llamacpp import LlamaCppBackend
+    from velollm.plugins.llamacpp.bench import _request, check_partings
+
+    engine = LlamaCppBackend("cpu").load(gemma_path, LoadOptions(n_ctx=256))
+    try:
+        config = BenchConfig(main_model=str(gemma_path), chat=False, n_predict=8,
+                             prompts=[BenchPrompt(name="p", text="The cat sat on the")])
+        engine.reset_cache()
+        greedy = engine.generate(_request(config, config.prompts[0], "vanilla")).text
+        samples = [sample("p", 0, "vanilla", 1.0, text=greedy), sample("p", 0, "lookup", 1.0, text=greedy),
+                   sample("p", 1, "vanilla", 1.0, text=greedy), sample("p", 1, "lookup", 1.0, text="\u2603" + greedy)]
+        check_partings(engine, config, samples)
+    finally:
+        engine.close()
+    assert samples[1].parting_gap is None  # the same text: not replayed
+    assert samples[3].parting_gap is not None and samples[3].parting_gap >= 0.0  # parts at its first token
+    counted = agreement(samples[::2], samples[1::2])
+    assert counted.near_ties + counted.decisive == 1 and counted.identical == 1
