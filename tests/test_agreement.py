@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from velollm.plugins.llamacpp.agreement import NEAR_TIE, Step, first_divergence
+import pytest
+
+from velollm.engine import GenerationRequest
+from velollm.errors import UnsupportedFeature
+from velollm.plugins.llamacpp.agreement import NEAR_TIE, Step, first_divergence, greedy_steps
 
 STEPS = [Step(b'{"a"', 3.0), Step(b': "', 2.0), Step(b"damages", 1.5), Step(b'"', 0.04), Step(b"}", 5.0),
          Step(b"", 4.0)]
@@ -28,3 +32,8 @@ def test_a_text_that_stops_early_or_runs_on_parts_where_one_ended() -> None:
     longer = first_divergence(STEPS, '{"a": "damages"} and more')
     assert longer is not None and (longer.offset, longer.position, longer.reference) == (16, 5, b"<end>")
     assert longer.gap == 4.0
+
+
+def test_only_a_llama_cpp_engine_can_be_replayed() -> None:
+    with pytest.raises(UnsupportedFeature):
+        greedy_steps(object(), GenerationRequest.of(prompt="x", max_tokens=1))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from velollm.engine import GenerationRequest
+from velollm.errors import UnsupportedFeature
 
 #: A top-2 logit gap below this is a near tie (flips between AVX2 and AVX-512 builds sat at 0.01-0.17).
 NEAR_TIE = 0.25
@@ -57,7 +58,12 @@ def greedy_steps(engine: Any, request: GenerationRequest, max_bytes: int | None 
     """The greedy answer to ``request`` decoded one token at a time from a cold cache, with each
     token's margin. Under a JSON schema or grammar the constraint picks among the tokens it allows
     (budgets and loop closing included, as in plain constrained decoding). ``max_bytes``: stop once
-    the answer is that long. Holds the engine for the whole replay."""
+    the answer is that long. Holds the engine for the whole replay. A llama.cpp engine without
+    parallel decoding only: the batch decoder runs on a context of its own."""
+    from velollm.plugins.llamacpp.engine import LlamaCppEngine
+
+    if not isinstance(engine, LlamaCppEngine) or engine._batch is not None:
+        raise UnsupportedFeature("greedy replay needs a llama.cpp engine loaded with parallel=1")
     engine.reset_cache()
     prompt = engine.prompt_tokens(request)
     budget = engine.context_length - len(prompt)

@@ -428,7 +428,10 @@ def check_partings(engine: Engine, config: BenchConfig, samples: Sequence[Sample
                      and s.iteration in vanilla and s.text != vanilla[s.iteration]]
         if not differing:
             continue
-        steps = greedy_steps(engine, _request(config, prompt, "vanilla"))
+        try:
+            steps = greedy_steps(engine, _request(config, prompt, "vanilla"))
+        except UnsupportedFeature:  # an engine the replay cannot drive: leave them unclassified
+            return
         for s in differing:
             parting = first_divergence(steps, s.text)
             s.parting_gap = None if parting is None else parting.gap
