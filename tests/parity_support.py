@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-NEAR_TIE = 0.25
+from velollm.plugins.llamacpp.agreement import NEAR_TIE
 
 
 @dataclass

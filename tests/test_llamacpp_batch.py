@@ -19,11 +19,10 @@ import pytest
 
 from velollm.engine import GenerationRequest, LoadOptions
 from velollm.errors import GenerationError
+from velollm.plugins.llamacpp.agreement import NEAR_TIE
 from velollm.plugins.llamacpp.backend import LlamaCppBackend
 from velollm.plugins.llamacpp.batch import GreedyPicker, KvLedger, Sequence
 from velollm.plugins.llamacpp.threads import ThreadTuner
-
-NEAR_TIE = 0.25
 
 PROMPTS = [
     "The capital of France is",
